@@ -1,0 +1,112 @@
+"""Small shared helpers: input validation, numerics policy and batched BatchNorm."""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SizeLike = Union[int, Sequence[int]]
+IMPLS = ("reference", "fused")
+
+
+def check_impl(impl: object) -> str:
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def pair(name: str, size: SizeLike) -> Tuple[int, int]:
+    """``feat_size`` as (H, W): an int means a square map."""
+    if isinstance(size, (int,)) and not isinstance(size, bool):
+        size = (size, size)
+    if not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2:
+        raise ValueError(f"{name} must be an int or a pair (H, W), got {size!r}")
+    h, w = size
+    return check_positive_int(f"{name}[0]", h), check_positive_int(f"{name}[1]", w)
+
+
+def check_input(
+    x: object, owner: str, channels: int | None = None, feat_size: Tuple[int, int] | None = None
+) -> Tensor:
+    """Validate a (B, C, H, W) floating-point feature map at a layer boundary."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{owner} expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{owner} expects a 4-D input (B, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{owner} expects a floating-point input, got dtype {x.dtype}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{owner} built for {channels} channels, got input with {x.shape[1]}")
+    if feat_size is not None and tuple(x.shape[2:]) != feat_size:
+        raise ValueError(
+            f"{owner} built for feat_size {feat_size}, got input {x.shape[2]}x{x.shape[3]}"
+        )
+    return x
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """Relation products and normalisers accumulate in float32 for half inputs (float64 stays)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def no_autocast(x: Tensor):
+    """Context that turns autocast off on x's device (the float32 island of the relation math)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def cbr(inp: int, out: int) -> nn.Sequential:
+    """1x1 conv without bias, BatchNorm, ReLU: the official modules' building block."""
+    return nn.Sequential(nn.Conv2d(inp, out, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU())
+
+
+def conv_weight(convs: Sequence[nn.Conv2d], dtype: torch.dtype) -> Tensor:
+    """Stack 1x1 conv weights (O, I, 1, 1) of one shape into (G, O, I)."""
+    return torch.stack([c.weight.flatten(1) for c in convs]).to(dtype)
+
+
+def batch_norm(x: Tensor, bns: Sequence[nn.modules.batchnorm._BatchNorm]) -> Tensor:
+    """BatchNorm over dim 1 of ``x`` (B, C, L), whose C channels are ``bns``' channels concatenated.
+
+    One kernel for many BatchNorm modules (a stripe's or a projection's): the result, the
+    modules' running statistics and ``num_batches_tracked`` are those of calling each module on
+    its own slice. Parameters and statistics are used in ``x.dtype`` and written back in theirs.
+    """
+    first = bns[0]
+    dtype = x.dtype
+    use_batch_stats = first.training or first.running_mean is None
+    track = first.training and first.running_mean is not None
+
+    def gather(name: str) -> Tensor | None:
+        tensors = [getattr(bn, name) for bn in bns]
+        if tensors[0] is None:
+            return None
+        return (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).to(dtype)
+
+    weight, bias = gather("weight"), gather("bias")
+    running_mean, running_var = gather("running_mean"), gather("running_var")
+    momentum = 0.0
+    if track:
+        counters = [bn.num_batches_tracked for bn in bns]
+        torch._foreach_add_(counters, 1)
+        momentum = first.momentum if first.momentum is not None else 1.0 / float(counters[0])
+    # F.batch_norm updates the statistics it is given in place: for one module in its own dtype
+    # those are its buffers; otherwise they are fresh (concatenated or cast) and written back.
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, momentum, first.eps)
+    if track and running_mean is not first.running_mean:
+        sizes = [bn.num_features for bn in bns]
+        torch._foreach_copy_(
+            [bn.running_mean for bn in bns] + [bn.running_var for bn in bns],
+            list(running_mean.split(sizes)) + list(running_var.split(sizes)),
+        )
+    return y

@@ -1,0 +1,250 @@
+"""Relation-aware global attention (RGA-S, RGA-C, RGA-SC).
+
+Zhang, Lan, Zeng, Jin, Chen, "Relation-Aware Global Attention for Person Re-identification",
+CVPR 2020, arXiv:1904.02998. Official code: microsoft/Relation-Aware-Global-Attention-Networks.
+
+One computation, applied along two axes of a feature map. With tokens T (n tokens of d features),
+theta = CBR(T), phi = CBR(T) (d -> d'), the pairwise relation R = theta^T phi (n x n), and for
+token i the relation vector r_i = [R(i, :), R(:, i)] (2n values):
+
+    E_i = CBR(2n -> n/s)(r_i),   g_i = mean_c CBR(d -> d')(T)_{c,i},   y_i = [g_i, E_i]
+    a_i = BN(conv(k -> 1)(ReLU(BN(conv(1 + n/s -> k)(y_i)))))  with k = (1 + n/s) // down_ratio
+    out = sigmoid(a) * x
+
+RGA-S uses the H*W positions as tokens (gate (B, 1, H, W)), RGA-C the C channels (gate
+(B, C, 1, 1)); RGA-SC applies RGA-S, then RGA-C to its output.
+
+Two paths compute the same function:
+
+* ``reference`` follows the official module step by step and builds R (B, n, n).
+* ``fused`` never builds R. The relation embedding is linear in R before its BatchNorm, so with
+  the embedding weight split into the half acting on rows (Wr) and on columns (Wc),
+  ``E_pre = Ar theta + Ac phi`` where ``Ar = Wr phi^T`` and ``Ac = Wc theta^T`` (n/s x d'): two
+  small batched GEMMs instead of an n x n product and a 2n-channel conv. theta, phi and g come
+  from one GEMM over the input, and the concatenation [g, E] is never formed.
+
+The fused core works on a stack of G independent agents (tokens (B, G, d, n)) so that APNet-S
+runs all its stripes' RGA-S agents in one batched call.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._common import (
+    SizeLike,
+    batch_norm,
+    cbr,
+    check_impl,
+    check_input,
+    check_positive_int,
+    compute_dtype,
+    conv_weight,
+    no_autocast,
+    pair,
+)
+
+__all__ = ["RGA", "RelationBranch", "relation_logits_reference", "relation_logits_fused"]
+
+
+class RelationBranch(NamedTuple):
+    """The five official sub-networks of one RGA axis (official names ``<name>_spatial`` etc.)."""
+
+    theta: nn.Sequential  # CBR(d -> d')
+    phi: nn.Sequential  # CBR(d -> d')
+    gx: nn.Sequential  # CBR(d -> d'), averaged over its channels
+    gg: nn.Sequential  # CBR(2n -> n/s), embeds the relation vectors
+    W: nn.Sequential  # conv(1 + n/s -> k), BN, ReLU, conv(k -> 1), BN
+
+
+def build_branch(features: int, d_inner: int, tokens: int, n_inner: int, down_ratio: int) -> dict:
+    """Modules of one axis, keyed by the official attribute stem."""
+    width = 1 + n_inner
+    return dict(
+        theta=cbr(features, d_inner),
+        phi=cbr(features, d_inner),
+        gx=cbr(features, d_inner),
+        gg=cbr(2 * tokens, n_inner),
+        W=nn.Sequential(
+            nn.Conv2d(width, width // down_ratio, 1, bias=False),
+            nn.BatchNorm2d(width // down_ratio),
+            nn.ReLU(),
+            nn.Conv2d(width // down_ratio, 1, 1, bias=False),
+            nn.BatchNorm2d(1),
+        ),
+    )
+
+
+def _apply(seq: nn.Sequential, t: Tensor, dtype: torch.dtype, relu: bool = True) -> Tensor:
+    """Conv(1x1) -> BN [-> ReLU] of an official Sequential on tokens (B, d, n).
+
+    The conv runs in t's dtype (autocast applies); BN onwards in ``dtype``.
+    """
+    y = torch.matmul(seq[0].weight.flatten(1).to(t.dtype), t)
+    with no_autocast(t):
+        y = batch_norm(y.to(dtype), [seq[1]])
+        return torch.relu(y) if relu else y
+
+
+def relation_logits_reference(tokens: Tensor, branch: RelationBranch) -> Tensor:
+    """Official computation for one agent: tokens (B, d, n) -> attention logits (B, 1, n)."""
+    dtype = compute_dtype(tokens)
+    theta, phi, gx = (_apply(m, tokens, dtype) for m in branch[:3])
+    with no_autocast(tokens):
+        relation = torch.matmul(theta.transpose(1, 2), phi)  # R(i, j) = <theta_i, phi_j>
+        # Channel j of token i holds R(i, j) for the first n channels, R(j, i) for the last n.
+        joint = torch.cat((relation.transpose(1, 2), relation), 1)
+        embedded = _apply(branch.gg, joint, dtype)
+        y = torch.cat((gx.mean(1, keepdim=True), embedded), 1)
+        hidden = _apply(branch.W[:3], y, dtype)
+        return _apply(branch.W[3:], hidden, dtype, relu=False)
+
+
+def relation_logits_fused(tokens: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
+    """Same function for G stacked agents without the n x n relation.
+
+    tokens: (B, G, d, n), agent g reading ``tokens[:, g]``; returns logits (B, G, n).
+    """
+    batch, groups, _, n = tokens.shape
+    dtype = compute_dtype(tokens)
+    # theta, phi and g of every agent from one batched GEMM over the input (autocast applies).
+    w_proj = torch.stack(
+        [torch.cat([b.theta[0].weight, b.phi[0].weight, b.gx[0].weight]).flatten(1) for b in branches]
+    )
+    proj = torch.matmul(w_proj.to(tokens.dtype), tokens)  # (B, G, 3d', n)
+    d_inner = proj.shape[2] // 3
+    with no_autocast(tokens):
+        proj = batch_norm(
+            proj.to(dtype).reshape(batch, groups * 3 * d_inner, n),
+            [bn for b in branches for bn in (b.theta[1], b.phi[1], b.gx[1])],
+        ).relu_().view(batch, groups, 3, d_inner, n)
+        theta_phi = proj[:, :, :2]  # (B, G, 2, d', n)
+        g = proj[:, :, 2].mean(2, keepdim=True)  # (B, G, 1, n)
+
+        # Embedding weight (n/s, 2n) = [Wr | Wc]; pair Wc with theta and Wr with phi.
+        w_gg = conv_weight([b.gg[0] for b in branches], dtype)  # (G, n/s, 2n)
+        n_inner = w_gg.shape[1]
+        w_cr = w_gg.view(groups, n_inner, 2, n).flip(2).permute(0, 2, 3, 1)  # (G, 2, n, n/s)
+        a = torch.matmul(theta_phi, w_cr.unsqueeze(0))  # (Ac^T, Ar^T): (B, G, 2, d', n/s)
+        a = a.flip(2).reshape(batch, groups, 2 * d_inner, n_inner)  # (Ar^T; Ac^T)
+        emb = torch.matmul(a.transpose(2, 3), theta_phi.reshape(batch, groups, 2 * d_inner, n))
+        emb = batch_norm(emb.view(batch, groups * n_inner, n), [b.gg[1] for b in branches]).relu_()
+
+        # W's first conv on [g, E] without forming the concatenation.
+        w1 = conv_weight([b.W[0] for b in branches], dtype)  # (G, k, 1 + n/s)
+        k = w1.shape[1]
+        hidden = torch.matmul(w1[:, :, 1:], emb.view(batch, groups, n_inner, n)) + w1[:, :, :1] * g
+        hidden = batch_norm(hidden.view(batch, groups * k, n), [b.W[1] for b in branches]).relu_()
+        w2 = conv_weight([b.W[3] for b in branches], dtype)  # (G, 1, k)
+        logits = torch.matmul(w2, hidden.view(batch, groups, k, n))  # (B, G, 1, n)
+        return batch_norm(logits.view(batch, groups, n), [b.W[4] for b in branches])
+
+
+def _gate(x: Tensor, logits: Tensor, shape: Sequence[int]) -> Tensor:
+    """x * sigmoid(logits), the gate broadcast (never expanded) and cast to x's dtype."""
+    return x * torch.sigmoid(logits).view(shape).to(x.dtype)
+
+
+class RGA(nn.Module):
+    """Relation-aware global attention: RGA-S, RGA-C or RGA-SC on a (B, C, H, W) map.
+
+    Args:
+        channels: C of the input.
+        feat_size: (H, W) of the input (an int means square); the weights depend on H*W.
+        spatial / channel: which attentions to use (both: RGA-SC, spatial first).
+        channel_ratio: d' = C // channel_ratio (spatial axis) and n/s = C // channel_ratio
+            (channel axis), as in the official ``cha_ratio``.
+        spatial_ratio: the same for H*W (official ``spa_ratio``).
+        down_ratio: width reduction inside the W networks.
+        impl: ``"fused"`` (default, never builds the relation matrix) or ``"reference"``
+            (the official computation); settable on a built module.
+
+    The state_dict keys and shapes equal the official ``RGA_Module(channels, H*W, ...)``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        feat_size: SizeLike,
+        *,
+        spatial: bool = True,
+        channel: bool = True,
+        channel_ratio: int = 8,
+        spatial_ratio: int = 8,
+        down_ratio: int = 8,
+        impl: str = "fused",
+    ) -> None:
+        super().__init__()
+        self.channels = check_positive_int("channels", channels)
+        self.feat_size = pair("feat_size", feat_size)
+        for name, value in (("channel_ratio", channel_ratio), ("spatial_ratio", spatial_ratio),
+                            ("down_ratio", down_ratio)):
+            check_positive_int(name, value)
+        if not (spatial or channel):
+            raise ValueError("RGA needs spatial=True, channel=True or both")
+        self.spatial, self.channel = bool(spatial), bool(channel)
+        self.impl = impl
+        positions = self.feat_size[0] * self.feat_size[1]
+        inter_channel, inter_spatial = channels // channel_ratio, positions // spatial_ratio
+        widths = {
+            f"channels // channel_ratio = {channels} // {channel_ratio}": inter_channel,
+            f"H*W // spatial_ratio = {positions} // {spatial_ratio}": inter_spatial,
+        }
+        if spatial:
+            widths[f"(1 + H*W // spatial_ratio) // down_ratio = {1 + inter_spatial} // {down_ratio}"] = (
+                (1 + inter_spatial) // down_ratio
+            )
+        if channel:
+            widths[f"(1 + channels // channel_ratio) // down_ratio = {1 + inter_channel} // {down_ratio}"] = (
+                (1 + inter_channel) // down_ratio
+            )
+        for what, width in widths.items():
+            if width < 1:
+                raise ValueError(f"RGA ratios leave zero channels: {what} = {width}; lower the ratio")
+
+        axes = {}
+        if spatial:
+            axes["spatial"] = build_branch(channels, inter_channel, positions, inter_spatial, down_ratio)
+        if channel:
+            axes["channel"] = build_branch(positions, inter_spatial, channels, inter_channel, down_ratio)
+        for stem in ("theta", "phi", "gx", "gg", "W"):  # the official registration order
+            for axis, modules in axes.items():
+                self.add_module(f"{stem}_{axis}", modules[stem])
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        self._impl = check_impl(value)
+
+    def branch(self, axis: str) -> RelationBranch:
+        """The official sub-networks of ``axis`` ("spatial" or "channel")."""
+        return RelationBranch(*(getattr(self, f"{stem}_{axis}") for stem in RelationBranch._fields))
+
+    def _logits(self, tokens: Tensor, axis: str) -> Tensor:
+        """tokens (B, d, n) -> logits (B, 1, n) on the selected path."""
+        if self._impl == "reference":
+            return relation_logits_reference(tokens, self.branch(axis))
+        return relation_logits_fused(tokens.unsqueeze(1), [self.branch(axis)])
+
+    def spatial_logits(self, x: Tensor) -> Tensor:
+        """RGA-S logits (B, 1, H*W) of a validated input."""
+        return self._logits(x.flatten(2), "spatial")
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, "RGA", self.channels, self.feat_size)
+        b, c, h, w = x.shape
+        if self.spatial:
+            x = _gate(x, self.spatial_logits(x), (b, 1, h, w))
+        if self.channel:
+            x = _gate(x, self._logits(x.flatten(2).transpose(1, 2), "channel"), (b, c, 1, 1))
+        return x
+
+    def extra_repr(self) -> str:
+        kind = {(True, True): "sc", (True, False): "s", (False, True): "c"}[(self.spatial, self.channel)]
+        return f"{self.channels}, feat_size={self.feat_size}, kind=rga_{kind}, impl={self._impl!r}"
