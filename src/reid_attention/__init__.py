@@ -1,6 +1,30 @@
-"""reid-attention: plug-and-play attention layers for person re-identification."""
+"""reid-attention: plug-and-play attention layers for person re-identification.
 
+Layers: :class:`RGA` (RGA-S / RGA-C / RGA-SC), :class:`ParameterFreeSpatialAttention`,
+:class:`APNetC` and :class:`APNetS`, each with a ``reference`` and a ``fused`` path.
+"""
+
+from .registry import create_attention, list_attentions, register_attention
+from .inference import fuse_for_inference
+from .pfsa import ParameterFreeSpatialAttention
+from .pyramid import APNetC, APNetS
 from .rga import RGA
+from .insert import insert_attention, list_sites, set_last_stride
+from . import convert, presets
 
-__all__ = ["RGA"]
+__all__ = [
+    "APNetC",
+    "APNetS",
+    "ParameterFreeSpatialAttention",
+    "RGA",
+    "convert",
+    "create_attention",
+    "fuse_for_inference",
+    "insert_attention",
+    "list_attentions",
+    "list_sites",
+    "presets",
+    "register_attention",
+    "set_last_stride",
+]
 __version__ = "0.1.0"

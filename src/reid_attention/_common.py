@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence, Tuple, Union
 
 import torch
@@ -61,7 +62,12 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def no_autocast(x: Tensor):
-    """Context that turns autocast off on x's device (the float32 island of the relation math)."""
+    """Context that turns autocast off on x's device (the float32 island of the relation math).
+
+    Meta tensors (shape-only runs: insert_attention's probes) have no autocast state to turn off.
+    """
+    if x.device.type == "meta":
+        return contextlib.nullcontext()
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
@@ -102,7 +108,12 @@ def batch_norm(x: Tensor, bns: Sequence[nn.modules.batchnorm._BatchNorm]) -> Ten
         momentum = first.momentum if first.momentum is not None else 1.0 / float(counters[0])
     # F.batch_norm updates the statistics it is given in place: for one module in its own dtype
     # those are its buffers; otherwise they are fresh (concatenated or cast) and written back.
-    y = F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, momentum, first.eps)
+    # x.contiguous(): for a non-contiguous input the CPU kernel returns a contiguous result but
+    # its fake-tensor twin keeps the input's strides, and views traced on the fake layout then
+    # fail at run time under torch.compile / export (pytorch/pytorch#192668).
+    y = F.batch_norm(
+        x.contiguous(), running_mean, running_var, weight, bias, use_batch_stats, momentum, first.eps
+    )
     if track and running_mean is not first.running_mean:
         sizes = [bn.num_features for bn in bns]
         torch._foreach_copy_(

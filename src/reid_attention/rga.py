@@ -114,7 +114,13 @@ def relation_logits_fused(tokens: Tensor, branches: Sequence[RelationBranch]) ->
     w_proj = torch.stack(
         [torch.cat([b.theta[0].weight, b.phi[0].weight, b.gx[0].weight]).flatten(1) for b in branches]
     )
-    proj = torch.matmul(w_proj.to(tokens.dtype), tokens)  # (B, G, 3d', n)
+    # One agent: a broadcast matmul, no copies. Several: torch.matmul would copy the weights once
+    # per sample, einsum folds the batch into the GEMM columns instead (one copy of the tokens).
+    w_proj = w_proj.to(tokens.dtype)
+    if groups == 1:
+        proj = torch.matmul(w_proj, tokens)  # (B, G, 3d', n)
+    else:
+        proj = torch.einsum("goi,bgin->bgon", w_proj, tokens)
     d_inner = proj.shape[2] // 3
     with no_autocast(tokens):
         proj = batch_norm(
@@ -128,7 +134,11 @@ def relation_logits_fused(tokens: Tensor, branches: Sequence[RelationBranch]) ->
         w_gg = conv_weight([b.gg[0] for b in branches], dtype)  # (G, n/s, 2n)
         n_inner = w_gg.shape[1]
         w_cr = w_gg.view(groups, n_inner, 2, n).flip(2).permute(0, 2, 3, 1)  # (G, 2, n, n/s)
-        a = torch.matmul(theta_phi, w_cr.unsqueeze(0))  # (Ac^T, Ar^T): (B, G, 2, d', n/s)
+        # One GEMM per (agent, half) with the batch folded into the rows: the weights are
+        # never expanded over the batch.
+        rows = theta_phi.permute(1, 2, 0, 3, 4).reshape(groups * 2, batch * d_inner, n)
+        a = torch.bmm(rows, w_cr.reshape(groups * 2, n, n_inner))
+        a = a.view(groups, 2, batch, d_inner, n_inner).permute(2, 0, 1, 3, 4)  # (Ac^T, Ar^T)
         a = a.flip(2).reshape(batch, groups, 2 * d_inner, n_inner)  # (Ar^T; Ac^T)
         emb = torch.matmul(a.transpose(2, 3), theta_phi.reshape(batch, groups, 2 * d_inner, n))
         emb = batch_norm(emb.view(batch, groups * n_inner, n), [b.gg[1] for b in branches]).relu_()

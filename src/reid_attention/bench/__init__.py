@@ -1,0 +1,1 @@
+"""Microbenchmark engine and the ``reid-attention bench`` command."""

@@ -1,0 +1,172 @@
+"""Measurement primitives: time, FLOPs, parameters and peak training-step memory.
+
+Units: time in seconds (median and inter-quartile range of ``torch.utils.benchmark`` blocked
+runs, CUDA synchronised by the Timer); FLOPs = 2 x multiply-adds as counted by
+``torch.utils.flop_counter`` (forward only); memory in bytes.
+
+Peak memory of one training step (forward + backward):
+* CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the step.
+* CPU: the resident-set high-water mark (VmHWM) of a fresh subprocess, reset through
+  ``/proc/self/clear_refs`` after the module and input are built and one warm-up step ran, minus
+  the resident set at that point. glibc is told to serve large blocks by mmap with a fixed
+  threshold, so freed memory goes back to the OS and the mark is not hidden by malloc caching.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Timing",
+    "time_callable",
+    "train_step",
+    "count_flops",
+    "count_params",
+    "peak_memory",
+    "build_from_spec",
+]
+
+
+@dataclass
+class Timing:
+    median: float
+    iqr: float
+    runs: int
+
+
+def time_callable(fn: Callable[[], Any], *, min_run_time: float = 1.0, threads: Optional[int] = None) -> Timing:
+    """Median and IQR of ``fn()`` over blocked runs of at least ``min_run_time`` seconds in all."""
+    from torch.utils import benchmark
+
+    fn()  # warm-up (lazy initialisation, oneDNN/cuBLAS plans)
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads or torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    return Timing(median=m.median, iqr=m.iqr, runs=len(m.times))
+
+
+def train_step(module: nn.Module, x: Tensor) -> Callable[[], None]:
+    """A closure running forward and backward with a fixed upstream gradient."""
+    grad = torch.ones_like(module(x))
+
+    def step() -> None:
+        module(x).backward(grad)
+
+    return step
+
+
+def count_flops(module: nn.Module, x: Tensor) -> int:
+    """Forward FLOPs (2 x multiply-adds) of ``module(x)``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(x)
+    return int(counter.get_total_flops())
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _import_factory(path: str) -> Callable[..., nn.Module]:
+    """``package.module:function`` or ``path/to/file.py:function``."""
+    target, _, name = path.partition(":")
+    if target.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(os.path.basename(target)[:-3], target)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    return getattr(module, name)
+
+
+def build_from_spec(spec: Dict[str, Any]) -> tuple:
+    """(module, input) described by a JSON-able spec.
+
+    spec keys: factory ("module:function"), kwargs (dict), input (shape list), device, dtype
+    ("float32", ...), channels_last (bool), train (bool).
+    """
+    device = torch.device(spec.get("device", "cpu"))
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    module = _import_factory(spec["factory"])(**spec.get("kwargs", {}))
+    memory_format = torch.channels_last if spec.get("channels_last") else torch.contiguous_format
+    module = module.to(device=device, dtype=dtype, memory_format=memory_format)
+    module.train(spec.get("train", True))
+    x = torch.randn(spec["input"], device=device, dtype=dtype).to(memory_format=memory_format)
+    return module, x.requires_grad_(spec.get("input_grad", True))
+
+
+def _vm_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _probe_cpu(spec: Dict[str, Any]) -> Dict[str, int]:
+    """Run inside the fresh subprocess: peak bytes of one training step above the set-up."""
+    torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
+    module, x = build_from_spec(spec)
+    step = train_step(module, x)
+    step()  # warm-up, then drop what it left behind
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    base = _vm_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current resident set
+    step()
+    peak = _vm_kib("VmHWM")
+    return {"peak_bytes": (peak - base) * 1024, "rss_bytes": peak * 1024}
+
+
+def _probe_cuda(spec: Dict[str, Any]) -> Dict[str, int]:
+    module, x = build_from_spec(spec)
+    step = train_step(module, x)
+    step()
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return {"peak_bytes": peak - base, "rss_bytes": peak}
+
+
+def peak_memory(spec: Dict[str, Any], *, timeout: float = 600.0) -> Dict[str, Any]:
+    """Peak memory of one training step for ``spec`` (see :func:`build_from_spec`).
+
+    Returns {"peak_bytes", "rss_bytes"} or {"error": "..."} (out of memory and other failures
+    are reported, not raised, so a benchmark run can continue).
+    """
+    if spec.get("device", "cpu").startswith("cuda"):
+        try:
+            return _probe_cuda(spec)
+        except torch.cuda.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            return {"error": f"out of memory: {str(e).splitlines()[0]}"}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, "-m", "reid_attention.bench.measure", json.dumps(spec)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1]
+        return {"error": f"exit {done.returncode}: {tail}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":  # the fresh subprocess of peak_memory()
+    print(json.dumps(_probe_cpu(json.loads(sys.argv[1]))))

@@ -1,0 +1,88 @@
+"""Result records -> table / markdown / CSV / JSON, plus the environment they were measured in."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import os
+import platform
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = ["environment", "format_records", "FORMATS"]
+
+FORMATS = ("table", "markdown", "csv", "json")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str = "cpu", threads: Optional[int] = None) -> Dict[str, Any]:
+    """Where and when a measurement was taken."""
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    return {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "device": dev.type,
+        "device_name": name,
+        "threads": threads or torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def format_records(
+    records: Sequence[Dict[str, Any]],
+    columns: Sequence[str],
+    fmt: str = "table",
+    env: Optional[Dict[str, Any]] = None,
+    headers: Optional[Dict[str, str]] = None,
+) -> str:
+    """Render records; ``columns`` picks and orders the fields shown (JSON keeps every field)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "json":
+        return json.dumps({"environment": env or {}, "records": list(records)}, indent=2)
+    names = [(headers or {}).get(c, c) for c in columns]
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        for r in records:
+            writer.writerow(["" if r.get(c) is None else r.get(c) for c in columns])
+        return out.getvalue()
+    rows: List[List[str]] = [[_cell(r.get(c)) for c in columns] for r in records]
+    numeric = [all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in records) for c in columns]
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(names) + " |", "|" + "|".join("---" for _ in names) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(n), *(len(row[i]) for row in rows)) if rows else len(n) for i, n in enumerate(names)]
+    line = "  ".join(n.rjust(w) if num else n.ljust(w) for n, w, num in zip(names, widths, numeric))
+    body = [
+        "  ".join(cell.rjust(w) if num else cell.ljust(w) for cell, w, num in zip(row, widths, numeric))
+        for row in rows
+    ]
+    return "\n".join([line, "-" * len(line), *body])

@@ -1,0 +1,92 @@
+"""Name -> constructor registry: ``create_attention(name, channels, feat_size=None, **kw)``.
+
+Every entry is called as ``factory(channels, feat_size, **kw)``; entries whose weights depend on
+the map size (RGA, APNet-S) refuse a missing ``feat_size``, the others ignore it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+from torch import nn
+
+from ._common import SizeLike
+
+__all__ = ["create_attention", "list_attentions", "register_attention"]
+
+Factory = Callable[..., nn.Module]
+
+
+class _Entry(NamedTuple):
+    factory: Factory
+    needs_feat_size: bool
+    summary: str
+
+
+_REGISTRY: Dict[str, _Entry] = {}
+
+
+def register_attention(name: str, factory: Factory, *, needs_feat_size: bool, summary: str = "") -> None:
+    """Register ``factory(channels, feat_size, **kw) -> nn.Module`` under ``name``."""
+    if name in _REGISTRY:
+        raise ValueError(f"attention {name!r} is already registered")
+    _REGISTRY[name] = _Entry(factory, needs_feat_size, summary)
+
+
+def list_attentions() -> List[str]:
+    """Registered attention names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def needs_feat_size(name: str) -> bool:
+    """Whether the attention's weights depend on the feature-map size."""
+    return _entry(name).needs_feat_size
+
+
+def _entry(name: str) -> _Entry:
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown attention {name!r}; available: {', '.join(list_attentions())}")
+    return _REGISTRY[name]
+
+
+def create_attention(name: str, channels: int, feat_size: Optional[SizeLike] = None, **kwargs) -> nn.Module:
+    """Build a registered attention for a (B, channels, *feat_size) feature map."""
+    entry = _entry(name)
+    if entry.needs_feat_size and feat_size is None:
+        raise ValueError(f"attention {name!r} depends on the map size: pass feat_size=(H, W)")
+    return entry.factory(channels, feat_size, **kwargs)
+
+
+def _rga(spatial: bool, channel: bool) -> Factory:
+    def make(channels: int, feat_size: SizeLike, **kw) -> nn.Module:
+        from .rga import RGA
+
+        return RGA(channels, feat_size, spatial=spatial, channel=channel, **kw)
+
+    return make
+
+
+def _pfsa(channels: int, feat_size: Optional[SizeLike], **kw) -> nn.Module:
+    from .pfsa import ParameterFreeSpatialAttention
+
+    return ParameterFreeSpatialAttention(**kw)
+
+
+def _apnet_c(channels: int, feat_size: Optional[SizeLike], **kw) -> nn.Module:
+    from .pyramid import APNetC
+
+    return APNetC(channels, **kw)
+
+
+def _apnet_s(channels: int, feat_size: SizeLike, **kw) -> nn.Module:
+    from .pyramid import APNetS
+
+    return APNetS(channels, feat_size, **kw)
+
+
+register_attention("rga_s", _rga(True, False), needs_feat_size=True, summary="RGA spatial (CVPR 2020)")
+register_attention("rga_c", _rga(False, True), needs_feat_size=True, summary="RGA channel (CVPR 2020)")
+register_attention("rga_sc", _rga(True, True), needs_feat_size=True, summary="RGA spatial then channel")
+register_attention("pfsa", _pfsa, needs_feat_size=False, summary="parameter-free spatial attention")
+register_attention("apnet_c", _apnet_c, needs_feat_size=False, summary="APNet channel pyramid (TIP 2021)")
+register_attention("apnet_s", _apnet_s, needs_feat_size=True, summary="APNet spatial pyramid, RGA-S agents")

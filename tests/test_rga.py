@@ -1,0 +1,272 @@
+"""RGA: equality with the official computation, fused == reference, properties, validation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reid_attention as ra
+from conftest import assert_same_step, randomize_bn, run_step, twins
+from official_rga import official_forward
+
+KINDS = {"rga_s": (True, False), "rga_c": (False, True), "rga_sc": (True, True)}
+PAPER_SITES = [(256, (64, 32)), (512, (32, 16)), (1024, (16, 8)), (2048, (16, 8))]
+
+
+def small(kind="rga_sc", channels=64, feat_size=(16, 8), seed=0, **kw):
+    spatial, channel = KINDS[kind]
+    m = ra.RGA(channels, feat_size, spatial=spatial, channel=channel, **kw).double()
+    return randomize_bn(m, seed)
+
+
+class _Official(torch.nn.Module):
+    """The official forward on an RGA module's own sub-networks (test oracle)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return official_forward(self.m, x)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("train", [True, False])
+def test_matches_official_computation(kind, impl, train):
+    m = small(kind).train(train)
+    x = torch.randn(3, 64, 16, 8, dtype=torch.float64)
+    ours = copy.deepcopy(m)
+    ours.impl = impl
+    assert_same_step(run_step(_Official(copy.deepcopy(m)).train(train), x), _strip(run_step(ours, x)))
+
+
+def _strip(result):
+    """run_step of a bare RGA, renamed like the _Official wrapper's ("m." prefix)."""
+    y, gx, grads, bufs = result
+    return y, gx, {f"m.{k}": v for k, v in grads.items()}, {f"m.{k}": v for k, v in bufs.items()}
+
+
+@pytest.mark.parametrize("channels,feat_size", PAPER_SITES)
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_equals_reference_at_paper_sites(channels, feat_size, train):
+    torch.manual_seed(channels)
+    m = randomize_bn(ra.RGA(channels, feat_size).double(), seed=channels).train(train)
+    ref, fused = twins(m)
+    x = torch.randn(2, channels, *feat_size, dtype=torch.float64)
+    assert_same_step(run_step(ref, x), run_step(fused, x), atol=1e-9, rtol=1e-7)
+
+
+@st.composite
+def rga_cases(draw):
+    kind = draw(st.sampled_from(sorted(KINDS)))
+    # every inner width >= 1: (1 + n // 8) // 8 >= 1 needs n >= 56 tokens on a used axis
+    channels = draw(st.integers(56, 72) if KINDS[kind][1] else st.integers(8, 40))
+    h = draw(st.integers(5, 12))
+    w = draw(st.integers(-(-56 // h), 12))
+    batch = draw(st.integers(1, 3))
+    train = draw(st.booleans())
+    return kind, channels, (h, w), batch, train
+
+
+@given(rga_cases())
+def test_property_fused_equals_reference(case):
+    kind, channels, feat_size, batch, train = case
+    m = small(kind, channels, feat_size, seed=channels).train(train)
+    if train and batch == 1 and not KINDS[kind][0]:
+        batch = 2  # channel-only BN over B x C tokens; batch 1 is fine but keep stats non-degenerate
+    x = torch.randn(batch, channels, *feat_size, dtype=torch.float64) * 3
+    ref, fused = twins(m)
+    a, b = run_step(ref, x), run_step(fused, x)
+    assert a[0].shape == x.shape and a[0].dtype == x.dtype
+    assert_same_step(a, b)
+
+
+@given(rga_cases(), st.sampled_from([torch.float32, torch.float64]))
+def test_property_shape_dtype_and_gradients_reach_everything(case, dtype):
+    kind, channels, feat_size, batch, _ = case
+    for impl in ("reference", "fused"):
+        m = small(kind, channels, feat_size, impl=impl).to(dtype).train()
+        x = torch.randn(max(batch, 2), channels, *feat_size, dtype=dtype, requires_grad=True)
+        y = m(x)
+        assert y.shape == x.shape and y.dtype == dtype
+        (y * torch.randn_like(y)).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+        for name, p in m.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_gradcheck(impl):
+    m = small("rga_sc", 4, (3, 3), impl=impl, channel_ratio=2, spatial_ratio=2, down_ratio=2).train()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(m, (x,), eps=1e-6, atol=1e-5)
+    m.eval()
+    assert torch.autograd.gradcheck(m, (x,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_eval_batch_independence(impl):
+    m = small(impl=impl).eval()
+    x = torch.randn(4, 64, 16, 8, dtype=torch.float64)
+    whole = m(x)
+    for i in range(4):
+        torch.testing.assert_close(m(x[i : i + 1]), whole[i : i + 1])
+
+
+def official_state_shapes(c, n, cr=8, sr=8, dr=8, spatial=True, channel=True):
+    """Keys and shapes of the official RGA_Module(c, n, ...) state_dict, written out by hand."""
+    ic, is_ = c // cr, n // sr
+    shapes = {}
+
+    def cbr(name, i, o):
+        shapes[f"{name}.0.weight"] = (o, i, 1, 1)
+        for b in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{name}.1.{b}"] = (o,)
+        shapes[f"{name}.1.num_batches_tracked"] = ()
+
+    for axis, on, feat, inner, tok, tinner in (
+        ("spatial", spatial, c, ic, n, is_),
+        ("channel", channel, n, is_, c, ic),
+    ):
+        if not on:
+            continue
+        cbr(f"theta_{axis}", feat, inner)
+        cbr(f"phi_{axis}", feat, inner)
+        cbr(f"gx_{axis}", feat, inner)
+        cbr(f"gg_{axis}", 2 * tok, tinner)
+        k = (1 + tinner) // dr
+        shapes[f"W_{axis}.0.weight"] = (k, 1 + tinner, 1, 1)
+        shapes[f"W_{axis}.3.weight"] = (1, k, 1, 1)
+        for idx, width in ((1, k), (4, 1)):
+            for b in ("weight", "bias", "running_mean", "running_var"):
+                shapes[f"W_{axis}.{idx}.{b}"] = (width,)
+            shapes[f"W_{axis}.{idx}.num_batches_tracked"] = ()
+    return shapes
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("channels,feat_size", PAPER_SITES[:2] + [(64, (12, 6))])
+def test_official_state_dict_loads_strictly(kind, channels, feat_size):
+    spatial, channel = KINDS[kind]
+    shapes = official_state_shapes(channels, feat_size[0] * feat_size[1], spatial=spatial, channel=channel)
+    official = {
+        k: (torch.tensor(7) if s == () else torch.randn(s)) for k, s in shapes.items()
+    }
+    m = ra.RGA(channels, feat_size, spatial=spatial, channel=channel)
+    m.load_state_dict(official, strict=True)
+    assert m.theta_spatial[0].weight.equal(official["theta_spatial.0.weight"]) if spatial else True
+    assert m.W_channel[3].weight.equal(official["W_channel.3.weight"]) if channel else True
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_awkward_inputs(impl):
+    m = small(impl=impl)
+    x = torch.randn(3, 64, 16, 8, dtype=torch.float64)
+    m.eval()
+    expected = m(x)
+    # channels_last in, channels_last out, same values
+    y = m(x.to(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, expected)
+    # non-contiguous (a strided view)
+    wide = torch.randn(3, 64, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(m(wide[..., ::2]), m(wide[..., ::2].contiguous()))
+    # empty batch, eval and train
+    assert m(x[:0]).shape == (0, 64, 16, 8)
+    # batch 1 in training
+    m.train()
+    y1 = m(x[:1])
+    assert y1.shape == (1, 64, 16, 8) and torch.isfinite(y1).all()
+    # all-zero map
+    assert torch.isfinite(m(torch.zeros(2, 64, 16, 8, dtype=torch.float64))).all()
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_autocast_large_activations(impl, kind):
+    spatial, channel = KINDS[kind]
+    m = ra.RGA(64, (16, 8), spatial=spatial, channel=channel, impl=impl).train()
+    x = (torch.rand(4, 64, 16, 8) * 400).requires_grad_()  # post-ReLU activations in the hundreds
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == x.dtype
+    y.float().sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    ref = ra.RGA(64, (16, 8), spatial=spatial, channel=channel, impl=impl).train()
+    ref.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        m.eval(), ref.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = m(x)
+        torch.testing.assert_close(low.float(), ref(x), atol=0.05 * 400, rtol=0.05)
+
+
+def test_impl_is_settable_and_validated():
+    m = ra.RGA(64, (16, 8))
+    assert m.impl == "fused"
+    m.impl = "reference"
+    assert m.impl == "reference" and "reference" in repr(m)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        m.impl = "fast"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ra.RGA(64, (16, 8), impl="cuda")
+
+
+@pytest.mark.parametrize(
+    "x,error,match",
+    [
+        (torch.randn(64, 16, 8), ValueError, "4-D input"),
+        (torch.randn(2, 16, 16, 8), ValueError, "built for 64 channels, got input with 16"),
+        (torch.randn(2, 64, 8, 8), ValueError, r"built for feat_size \(16, 8\), got input 8x8"),
+        (torch.ones(2, 64, 16, 8, dtype=torch.int64), TypeError, "floating-point"),
+        (torch.ones(2, 64, 16, 8, dtype=torch.complex64), TypeError, "floating-point"),
+        ("not a tensor", TypeError, "torch.Tensor"),
+    ],
+)
+def test_input_validation(x, error, match):
+    with pytest.raises(error, match=match):
+        ra.RGA(64, (16, 8))(x)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,match",
+    [
+        ((64, (4, 4)), {}, ValueError, "ratios leave zero channels"),
+        ((4, (16, 8)), {"channel": False}, ValueError, r"channels // channel_ratio = 4 // 8"),
+        ((32, (16, 8)), {}, ValueError, r"\(1 \+ channels // channel_ratio\) // down_ratio = 5 // 8"),
+        ((64, (16, 8)), {"down_ratio": 100}, ValueError, "down_ratio"),
+        ((32, (16, 8, 2)), {}, ValueError, "feat_size must be an int or a pair"),
+        ((32, (16, 0)), {}, ValueError, r"feat_size\[1\] must be >= 1"),
+        ((32, (16.0, 8)), {}, TypeError, "feat_size"),
+        ((0, (16, 8)), {}, ValueError, "channels must be >= 1"),
+        ((32, (16, 8)), {"spatial": False, "channel": False}, ValueError, "spatial=True"),
+        ((32, (16, 8)), {"channel_ratio": 0}, ValueError, "channel_ratio"),
+    ],
+)
+def test_construction_validation(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ra.RGA(*args, **kwargs)
+
+
+def test_square_int_feat_size():
+    assert ra.RGA(64, 12).feat_size == (12, 12)
+
+
+def test_registry():
+    assert {"rga_s", "rga_c", "rga_sc", "pfsa", "apnet_c", "apnet_s"} <= set(ra.list_attentions())
+    for name, (spatial, channel) in KINDS.items():
+        m = ra.create_attention(name, 64, feat_size=(16, 8), impl="reference")
+        assert (m.spatial, m.channel, m.impl) == (spatial, channel, "reference")
+        x = torch.randn(2, 64, 16, 8, requires_grad=True)
+        m(x).sum().backward()
+        assert x.grad is not None
+    with pytest.raises(ValueError, match="unknown attention 'rga'; available: apnet_c"):
+        ra.create_attention("rga", 32, feat_size=(16, 8))
+    with pytest.raises(ValueError, match="pass feat_size"):
+        ra.create_attention("rga_s", 32)
