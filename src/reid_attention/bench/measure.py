@@ -32,6 +32,7 @@ __all__ = [
     "train_step",
     "count_flops",
     "count_params",
+    "forward_fn",
     "peak_memory",
     "build_from_spec",
 ]
@@ -54,12 +55,28 @@ def time_callable(fn: Callable[[], Any], *, min_run_time: float = 1.0, threads: 
     return Timing(median=m.median, iqr=m.iqr, runs=len(m.times))
 
 
-def train_step(module: nn.Module, x: Tensor) -> Callable[[], None]:
+def _autocast(x: Tensor, dtype: Optional[str]):
+    enabled = dtype is not None
+    return torch.autocast(x.device.type, dtype=getattr(torch, dtype or "bfloat16"), enabled=enabled)
+
+
+def forward_fn(module: nn.Module, x: Tensor, autocast: Optional[str] = None) -> Callable[[], Tensor]:
+    """A closure running the forward pass (under autocast to ``autocast`` if given)."""
+
+    def forward() -> Tensor:
+        with _autocast(x, autocast):
+            return module(x)
+
+    return forward
+
+
+def train_step(module: nn.Module, x: Tensor, autocast: Optional[str] = None) -> Callable[[], None]:
     """A closure running forward and backward with a fixed upstream gradient."""
-    grad = torch.ones_like(module(x))
+    forward = forward_fn(module, x, autocast)
+    grad = torch.ones_like(forward())
 
     def step() -> None:
-        module(x).backward(grad)
+        forward().backward(grad)
 
     return step
 
@@ -93,7 +110,8 @@ def build_from_spec(spec: Dict[str, Any]) -> tuple:
     """(module, input) described by a JSON-able spec.
 
     spec keys: factory ("module:function"), kwargs (dict), input (shape list), device, dtype
-    ("float32", ...), channels_last (bool), train (bool).
+    ("float32", ...), channels_last (bool), train (bool), compile (bool); ``autocast`` (a dtype
+    name or None) is read by the callers that run the module.
     """
     device = torch.device(spec.get("device", "cpu"))
     dtype = getattr(torch, spec.get("dtype", "float32"))
@@ -101,23 +119,40 @@ def build_from_spec(spec: Dict[str, Any]) -> tuple:
     memory_format = torch.channels_last if spec.get("channels_last") else torch.contiguous_format
     module = module.to(device=device, dtype=dtype, memory_format=memory_format)
     module.train(spec.get("train", True))
+    if spec.get("compile"):
+        module = torch.compile(module)
     x = torch.randn(spec["input"], device=device, dtype=dtype).to(memory_format=memory_format)
     return module, x.requires_grad_(spec.get("input_grad", True))
 
 
-def _vm_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
+def _proc_kib(path: str, field: str) -> int:
+    """A 'Field: N kB' line of a /proc file."""
+    with open(path) as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    raise RuntimeError(f"{field} not in {path}")
+
+
+def _vm_kib(field: str) -> int:
+    return _proc_kib("/proc/self/status", field)
 
 
 def _probe_cpu(spec: Dict[str, Any]) -> Dict[str, int]:
-    """Run inside the fresh subprocess: peak bytes of one training step above the set-up."""
+    """Run inside the fresh subprocess: peak bytes of one training step above the set-up.
+
+    The address space is capped at ``memory_limit`` bytes above the start (default: the
+    available memory), so an oversized run fails with an allocation error instead of
+    driving the machine into swap or the OOM killer.
+    """
+    import resource
+
+    limit = spec.get("memory_limit") or _available_bytes()
+    cap = _vm_kib("VmSize") * 1024 + limit
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
     module, x = build_from_spec(spec)
-    step = train_step(module, x)
+    step = train_step(module, x, spec.get("autocast"))
     step()  # warm-up, then drop what it left behind
     module.zero_grad(set_to_none=True)
     x.grad = None
@@ -129,9 +164,13 @@ def _probe_cpu(spec: Dict[str, Any]) -> Dict[str, int]:
     return {"peak_bytes": (peak - base) * 1024, "rss_bytes": peak * 1024}
 
 
+def _available_bytes() -> int:
+    return _proc_kib("/proc/meminfo", "MemAvailable") * 1024
+
+
 def _probe_cuda(spec: Dict[str, Any]) -> Dict[str, int]:
     module, x = build_from_spec(spec)
-    step = train_step(module, x)
+    step = train_step(module, x, spec.get("autocast"))
     step()
     module.zero_grad(set_to_none=True)
     x.grad = None
@@ -163,7 +202,9 @@ def peak_memory(spec: Dict[str, Any], *, timeout: float = 600.0) -> Dict[str, An
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1]
+        tail = (done.stderr.strip().splitlines() or ["killed"])[-1]
+        if "can't allocate memory" in tail or "not enough memory" in tail or done.returncode == -9:
+            return {"error": "out of memory"}
         return {"error": f"exit {done.returncode}: {tail}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 

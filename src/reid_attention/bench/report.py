@@ -68,7 +68,7 @@ def format_records(
     names = [(headers or {}).get(c, c) for c in columns]
     if fmt == "csv":
         out = io.StringIO()
-        writer = csv.writer(out)
+        writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)
         for r in records:
             writer.writerow(["" if r.get(c) is None else r.get(c) for c in columns])

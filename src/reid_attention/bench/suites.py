@@ -6,9 +6,17 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .measure import build_from_spec, count_flops, count_params, peak_memory, time_callable, train_step
+from .measure import (
+    build_from_spec,
+    count_flops,
+    count_params,
+    forward_fn,
+    peak_memory,
+    time_callable,
+    train_step,
+)
 
-__all__ = ["layer_spec", "measure_layer", "PAPER_SITES"]
+__all__ = ["layer_spec", "network_spec", "measure", "measure_layer", "network", "PAPER_SITES"]
 
 # (channels, (H, W)) of each paper's insertion sites.
 PAPER_SITES: Dict[str, Sequence[Tuple[int, Tuple[int, int]]]] = {
@@ -32,6 +40,8 @@ def layer_spec(
     dtype: str = "float32",
     channels_last: bool = False,
     threads: Optional[int] = None,
+    compile: bool = False,
+    autocast: Optional[str] = None,
     factory: str = "reid_attention.registry:create_attention",
     **kwargs: Any,
 ) -> Dict[str, Any]:
@@ -47,11 +57,56 @@ def layer_spec(
         dtype=dtype,
         channels_last=channels_last,
         threads=threads or torch.get_num_threads(),
+        compile=compile,
+        autocast=autocast,
     )
 
 
-def measure_layer(
+def network(
+    backbone: str,
+    attention: Optional[str] = None,
+    input_size: Sequence[int] = (256, 128),
+    last_stride: Optional[int] = None,
+    **attention_kw: Any,
+):
+    """A torchvision classification model, optionally with ``attention`` at its default sites."""
+    import torchvision
+
+    from ..insert import insert_attention, set_last_stride
+
+    model = torchvision.models.get_model(backbone, weights=None)
+    if last_stride is not None:
+        set_last_stride(model, last_stride)
+    if attention:
+        insert_attention(model, attention, input_size=tuple(input_size), **attention_kw)
+    return model
+
+
+def network_spec(backbone: str, attention: Optional[str], input_size: Sequence[int], *, batch: int,
+                 last_stride: Optional[int] = 1, impl: Optional[str] = "fused", **common: Any) -> Dict[str, Any]:
+    kw: Dict[str, Any] = dict(backbone=backbone, attention=attention, input_size=list(input_size),
+                              last_stride=last_stride)
+    if attention and impl:
+        kw["impl"] = impl
+    spec = layer_spec("", 3, tuple(input_size), batch=batch, impl=None, **common)
+    spec.update(factory="reid_attention.bench.suites:network", kwargs=kw)
+    return spec
+
+
+def measure_layer(spec: Dict[str, Any], **options: Any) -> Dict[str, Any]:
+    """:func:`measure` labelled with the layer's kind, impl and site."""
+    kw = spec["kwargs"]
+    label = {
+        "kind": kw.get("name", spec["factory"].rsplit(":", 1)[-1]),
+        "impl": kw.get("impl"),
+        "site": f"{kw['channels']}:{spec['input'][2]}x{spec['input'][3]}",
+    }
+    return measure(spec, label, **options)
+
+
+def measure(
     spec: Dict[str, Any],
+    label: Dict[str, Any],
     *,
     memory_batch: Optional[int] = None,
     forward: bool = False,
@@ -59,26 +114,33 @@ def measure_layer(
 ) -> Dict[str, Any]:
     """Time (forward + backward, optionally forward alone), FLOPs, parameters, peak memory.
 
-    The memory probe runs the spec at ``memory_batch`` (default: the timed batch); ``None``
-    results and an ``error`` field record what could not be measured (e.g. out of memory).
+    The memory probe runs first, at ``memory_batch`` (default: the timed batch; 0 skips it), in
+    a capped subprocess; if it runs out of memory at or below the timed batch, timing is skipped.
+    ``None`` results and an ``error`` field record what could not be measured.
     """
-    kw = spec["kwargs"]
     batch = spec["input"][0]
-    record: Dict[str, Any] = {
-        "kind": kw.get("name", spec["factory"].rsplit(":", 1)[-1]),
-        "impl": kw.get("impl"),
-        "site": f"{kw['channels']}:{spec['input'][2]}x{spec['input'][3]}",
-        "batch": batch,
-        "dtype": spec.get("dtype", "float32"),
-    }
+    record: Dict[str, Any] = dict(label, batch=batch, dtype=spec.get("dtype", "float32"))
+    record.update(compiled=bool(spec.get("compile")), autocast=spec.get("autocast"))
+    oom = False
+    if memory_batch != 0:  # first, in a capped subprocess: an oversized run is skipped below
+        mem_spec = dict(spec, input=[memory_batch or batch, *spec["input"][1:]])
+        mem = peak_memory(mem_spec)
+        record["memory_batch"] = mem_spec["input"][0]
+        record["peak_mib"] = mem["peak_bytes"] / 2**20 if "peak_bytes" in mem else None
+        if "error" in mem:
+            record["error"] = "memory: " + mem["error"]
+            oom = mem["error"] == "out of memory" and record["memory_batch"] <= batch
+    if oom:
+        return record
     threads = spec.get("threads")
     if threads:
         torch.set_num_threads(threads)
+    autocast = spec.get("autocast")
     try:
         module, x = build_from_spec(spec)
         record["params"] = count_params(module)
         record["gflops"] = count_flops(module, x) / 1e9
-        timing = time_callable(train_step(module, x), min_run_time=min_run_time, threads=threads)
+        timing = time_callable(train_step(module, x, autocast), min_run_time=min_run_time, threads=threads)
         record.update(
             fwd_bwd_ms=timing.median * 1e3,
             fwd_bwd_iqr_ms=timing.iqr * 1e3,
@@ -86,18 +148,11 @@ def measure_layer(
         )
         if forward:
             with torch.no_grad():
-                timing = time_callable(lambda: module(x), min_run_time=min_run_time, threads=threads)
+                timing = time_callable(forward_fn(module, x, autocast), min_run_time=min_run_time, threads=threads)
             record.update(fwd_ms=timing.median * 1e3, fwd_iqr_ms=timing.iqr * 1e3)
         del module, x
     except (RuntimeError, MemoryError) as e:  # out of memory and friends: record, continue
         if spec.get("device", "cpu").startswith("cuda"):
             torch.cuda.empty_cache()
-        record["error"] = str(e).splitlines()[0][:200]
-    if memory_batch != 0:
-        mem_spec = dict(spec, input=[memory_batch or batch, *spec["input"][1:]])
-        mem = peak_memory(mem_spec)
-        record["memory_batch"] = mem_spec["input"][0]
-        record["peak_mib"] = mem["peak_bytes"] / 2**20 if "peak_bytes" in mem else None
-        if "error" in mem:
-            record["error"] = "; ".join(filter(None, [record.get("error"), "memory: " + mem["error"]]))
+        record["error"] = "; ".join(filter(None, [record.get("error"), str(e).splitlines()[0][:200]]))
     return record

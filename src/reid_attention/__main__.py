@@ -1,0 +1,23 @@
+"""``python -m reid_attention bench ...`` (also the ``reid-attention`` console script)."""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: reid-attention bench [layers|network|sweep] [options]   (see: reid-attention bench -h)")
+        return 0 if argv else 2
+    if argv[0] != "bench":
+        print(f"reid-attention: unknown command {argv[0]!r}; available: bench", file=sys.stderr)
+        return 2
+    from .bench.cli import main as bench_main
+
+    return bench_main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
