@@ -24,8 +24,10 @@ install-bench: $(VENV)/.installed-bench
 test: install-test
 	$(PY) -m pytest -q
 
+# The default benchmark: every attention kind at its largest paper site (reference vs fused)
+# and the ResNet-50 + RGA-SC network overhead; CPU-sized (a few minutes on 2 cores).
 bench: install-bench
-	$(PY) -m reid_attention bench
+	$(PY) -m reid_attention bench --threads 2
 
 lint:
 	$(PIP) -e ".[dev]" && $(VENV)/bin/ruff check src tests benchmarks examples
