@@ -77,8 +77,10 @@ def cbr(inp: int, out: int) -> nn.Sequential:
 
 
 def conv_weight(convs: Sequence[nn.Conv2d], dtype: torch.dtype) -> Tensor:
-    """Stack 1x1 conv weights (O, I, 1, 1) of one shape into (G, O, I)."""
-    return torch.stack([c.weight.flatten(1) for c in convs]).to(dtype)
+    """Stack 1x1 conv weights (O, I, 1, 1) of one shape into (G, O, I) (a view for one conv)."""
+    weights = [c.weight.flatten(1) for c in convs]
+    stacked = weights[0].unsqueeze(0) if len(weights) == 1 else torch.stack(weights)
+    return stacked.to(dtype)
 
 
 def batch_norm(x: Tensor, bns: Sequence[nn.modules.batchnorm._BatchNorm]) -> Tensor:

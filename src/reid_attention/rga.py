@@ -130,16 +130,15 @@ def relation_logits_fused(tokens: Tensor, branches: Sequence[RelationBranch]) ->
         theta_phi = proj[:, :, :2]  # (B, G, 2, d', n)
         g = proj[:, :, 2].mean(2, keepdim=True)  # (B, G, 1, n)
 
-        # Embedding weight (n/s, 2n) = [Wr | Wc]; pair Wc with theta and Wr with phi.
+        # Embedding weight (n/s, 2n) = [Wr | Wc]: Ar^T = phi Wr^T and Ac^T = theta Wc^T, one GEMM
+        # per (agent, half) with the batch folded into the rows, so the weights are never expanded
+        # over the batch. The token copy this needs also swaps theta and phi to pair them.
         w_gg = conv_weight([b.gg[0] for b in branches], dtype)  # (G, n/s, 2n)
         n_inner = w_gg.shape[1]
-        w_cr = w_gg.view(groups, n_inner, 2, n).flip(2).permute(0, 2, 3, 1)  # (G, 2, n, n/s)
-        # One GEMM per (agent, half) with the batch folded into the rows: the weights are
-        # never expanded over the batch.
-        rows = theta_phi.permute(1, 2, 0, 3, 4).reshape(groups * 2, batch * d_inner, n)
-        a = torch.bmm(rows, w_cr.reshape(groups * 2, n, n_inner))
-        a = a.view(groups, 2, batch, d_inner, n_inner).permute(2, 0, 1, 3, 4)  # (Ac^T, Ar^T)
-        a = a.flip(2).reshape(batch, groups, 2 * d_inner, n_inner)  # (Ar^T; Ac^T)
+        w_rc = w_gg.view(groups, n_inner, 2, n).permute(0, 2, 3, 1).reshape(groups * 2, n, n_inner)
+        rows = theta_phi.permute(1, 2, 0, 3, 4)[:, [1, 0]].reshape(groups * 2, batch * d_inner, n)
+        a = torch.bmm(rows, w_rc).view(groups, 2, batch, d_inner, n_inner)  # (Ar^T, Ac^T)
+        a = a.permute(2, 0, 1, 3, 4).reshape(batch, groups, 2 * d_inner, n_inner)
         emb = torch.matmul(a.transpose(2, 3), theta_phi.reshape(batch, groups, 2 * d_inner, n))
         emb = batch_norm(emb.view(batch, groups * n_inner, n), [b.gg[1] for b in branches]).relu_()
 
