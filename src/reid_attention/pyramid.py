@@ -1,0 +1,381 @@
+"""Attention pyramids: APNet-C (channel) and APNet-S (spatial), one site each.
+
+Chen et al., "Person Re-identification via Attention Pyramid", IEEE TIP 2021, arXiv:2108.05340.
+Official code: CHENGY12/APNet (channel version only).
+
+"Split-attend-merge-stack": pyramid level l cuts the map into 2^(l-1) parts, gives each part its
+own attention agent, merges the parts' attentions back into one map-sized attention, and the
+levels are stacked, the finest first, each level attending to the output of the finer one:
+
+    x_L = A_L(x),  x_l = A_l(x_{l+1}),  out = x_1        (A_1 attends to the whole map)
+
+APNet-C cuts the channels into contiguous groups; level 1 is a squeeze-excitation gate
+
+    A_1(x) = x * sigmoid(W2 relu(W1 GAP(x)))
+
+and level l >= 2, with r = 2^(l-1) groups x = [x_1 .. x_r] of C/r channels, is
+
+    s = GAP(x_1 + ... + x_r),  z = fc2(relu(BN(fc1(s)))) viewed (r, C/r)
+    A_l(x) = BN_l([softmax_r(z)_1 * x_1, ..., softmax_r(z)_r * x_r])   (BN_l: frozen bias)
+
+APNet-S cuts the height into 2^(l-1) horizontal stripes; each stripe's agent is an RGA-S module
+built for the stripe's size, and A_l(x) = x * [sigmoid(RGA-S_1 logits); ...] stacked along H.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from ._common import (
+    SizeLike,
+    batch_norm,
+    check_impl,
+    check_input,
+    check_positive_int,
+    compute_dtype,
+    no_autocast,
+    pair,
+)
+from .rga import RGA, _gate, relation_logits_fused
+
+__all__ = ["APNetC", "APNetS"]
+
+
+def _check_levels(owner: str, levels: int, what: str, size: int) -> int:
+    """``levels`` as an int whose finest level's 2^(levels-1) parts divide ``size``."""
+    check_positive_int("levels", levels)
+    parts = 2 ** (levels - 1)
+    if size % parts:
+        raise ValueError(
+            f"{owner} level {levels} splits {what} into {parts} parts: {what} = {size} is not "
+            f"divisible by {parts}; use fewer levels"
+        )
+    return levels
+
+
+def _linear(x: Tensor, layer: nn.Module, dtype: torch.dtype) -> Tensor:
+    """A Linear or 1x1 Conv2d layer on (B, in) features, in ``dtype``."""
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    return F.linear(x, layer.weight.flatten(1).to(dtype), bias)
+
+
+class SqueezeExcite(nn.Module):
+    """Level 1 of APNet-C: gate = sigmoid(W2 relu(W1 GAP(x))), bias-free (official SELayer)."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.fc = nn.Sequential(
+            nn.Linear(channels, hidden, bias=False),
+            nn.ReLU(),
+            nn.Linear(hidden, channels, bias=False),
+            nn.Sigmoid(),
+        )
+
+    def gate(self, pooled: Tensor) -> Tensor:
+        """(B, C) channel means -> (B, C) gate, in pooled's dtype."""
+        hidden = torch.relu(_linear(pooled, self.fc[0], pooled.dtype))
+        return torch.sigmoid(_linear(hidden, self.fc[2], pooled.dtype))
+
+    def reference(self, x: Tensor) -> Tensor:
+        """The official SE layer on the map: x * fc(avg_pool(x))."""
+        return x * self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1)).view(*x.shape[:2], 1, 1)
+
+
+class SplitAttention(nn.Module):
+    """Level l >= 2 of APNet-C on r contiguous channel groups (official SAMS + BN2d).
+
+    Parameter names follow the official SAMS (fc1, bn1, fc2) plus ``norm`` for the BN2d that
+    follows it (official ``BN{k}.bottleneck2``; its bias is frozen).
+    """
+
+    def __init__(self, channels: int, groups: int, reduction: int, min_width: int) -> None:
+        super().__init__()
+        self.groups = groups
+        width = max(channels * groups // reduction, min_width)
+        self.fc1 = nn.Conv2d(channels // groups, width, 1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.fc2 = nn.Conv2d(width, channels, 1)
+        self.norm = nn.BatchNorm2d(channels)
+        self.norm.bias.requires_grad_(False)
+
+    def gate(self, pooled: Tensor) -> Tensor:
+        """(B, C) channel means of the input -> (B, C) softmax weights, in pooled's dtype.
+
+        The mean of the groups' sum is the sum of the groups' means; one batched softmax runs
+        across the r groups for every within-group channel.
+        """
+        b, c = pooled.shape
+        summed = pooled.view(b, self.groups, c // self.groups).sum(1)
+        hidden = batch_norm(_linear(summed, self.fc1, pooled.dtype).unsqueeze(2), [self.bn1])
+        logits = _linear(hidden.squeeze(2).relu(), self.fc2, pooled.dtype)
+        return logits.view(b, self.groups, c // self.groups).softmax(1).view(b, c)
+
+    def reference(self, x: Tensor) -> Tensor:
+        """The official SAMS (split, attend, merge) then BN2d, module by module."""
+        b, c = x.shape[:2]
+        parts = torch.split(x, c // self.groups, dim=1)
+        hidden = torch.relu(self.bn1(self.fc1(F.adaptive_avg_pool2d(sum(parts), 1))))
+        weights = self.fc2(hidden).view(b, self.groups, c // self.groups).softmax(1)
+        weights = torch.split(weights.view(b, c, 1, 1), c // self.groups, dim=1)
+        return self.norm(torch.cat([w * part for w, part in zip(weights, parts)], 1))
+
+
+def _norm_affine(
+    bn: nn.BatchNorm2d, mean: Tensor, var: Optional[Tensor], count: int
+) -> Tuple[Tensor, Tensor]:
+    """Per-channel (scale, shift) with ``bn(y) = y * scale + shift``.
+
+    ``mean`` and ``var`` (B, C) are the per-sample mean and biased variance of y over its
+    ``count`` positions. In training the batch statistics follow from them (law of total
+    variance) and the running statistics are updated as ``bn(y)`` would update them; in
+    evaluation the running statistics are used and ``var`` may be None.
+    """
+    dtype = mean.dtype
+    if bn.training:
+        between, mu = torch.var_mean(mean, 0, correction=0)
+        sigma2 = var.mean(0) + between
+        n = count * mean.shape[0]
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.lerp_(mu.to(bn.running_mean.dtype), momentum)
+            bn.running_var.lerp_((sigma2 * (n / (n - 1))).to(bn.running_var.dtype), momentum)
+    else:
+        mu, sigma2 = bn.running_mean.to(dtype), bn.running_var.to(dtype)
+    scale = bn.weight.to(dtype) * torch.rsqrt(sigma2 + bn.eps)
+    return scale, bn.bias.to(dtype) - mu * scale
+
+
+class _ChannelMoments(torch.autograd.Function):
+    """Per-(sample, channel) mean and biased variance over positions, (B, C) each.
+
+    Two-pass forward like BatchNorm's CPU kernel (mean, then the norm of the centred map; much
+    faster than the Welford ``torch.var_mean``), and a one-pass backward
+    ``dL/dx = dL/dmean / N + 2 (x - mean) dL/dvar / N``. First-order gradients only.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tuple[Tensor, Tensor]:
+        mean = x.mean((2, 3), dtype=compute_dtype(x))
+        centred = x - mean[:, :, None, None]
+        var = torch.linalg.vector_norm(centred, dim=(2, 3)).square() / (x.shape[2] * x.shape[3])
+        ctx.save_for_backward(x, mean)
+        return mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_mean: Tensor, grad_var: Tensor) -> Tensor:
+        x, mean = ctx.saved_tensors
+        count = x.shape[2] * x.shape[3]
+        slope = 2 * grad_var / count
+        offset = grad_mean / count - slope * mean
+        with no_autocast(x):
+            return torch.addcmul(offset[:, :, None, None], x, slope[:, :, None, None]).to(x.dtype)
+
+
+class APNetC(nn.Module):
+    """One site of the APNet channel attention pyramid (APNet-C).
+
+    Levels run fine -> coarse: split attention with r = 2^(l-1) groups for l = levels .. 2 (each
+    followed by a BatchNorm2d with frozen bias), then the SE gate (level 1).
+
+    Args:
+        channels: C of the input; must be divisible by 2^(levels-1).
+        levels: pyramid height (official default 2; 1 = SE gate only).
+        se_hidden: SE hidden width (official: 8 at every site).
+        split_reduction, split_min_width: split-attention hidden width
+            ``max(C * r // split_reduction, split_min_width)`` (official 4 and 32).
+        impl: ``"fused"`` (default) or ``"reference"``; settable on a built module.
+
+    Level 3+: the official code builds every split level with r = ``levels`` groups, which at
+    level 3 cannot divide the channels (64 / 3), so it does not run; as in the paper's figure
+    (1, 2, 4 parts) level l uses r = 2^(l-1) here. Level 2 (r = 2) equals the official model.
+
+    State dict: ``se.fc.0.weight``, ``se.fc.2.weight`` (official ``att{k}.fc.*``) and, for level
+    l = i + 2, ``split.{i}.fc1.*``, ``split.{i}.bn1.*``, ``split.{i}.fc2.*``, ``split.{i}.norm.*``
+    (official level 2: ``att_s{k}.fc1/bn1/fc2`` and ``BN{k}.bottleneck2``).
+
+    Batch of one in training mode: refused with a ValueError (levels >= 2). The split attention
+    normalises globally pooled features with BatchNorm, which has a single value per channel
+    then, and PyTorch cannot compute its batch statistics. Evaluation mode accepts any batch.
+
+    Paths:
+
+    * ``reference`` runs the official modules on the map, level by level (split, pool, attend,
+      re-weight, concatenate, BatchNorm2d, then SE).
+    * ``fused`` never runs a level on the map. Every level is a per-(sample, channel) affine
+      map of its input (a softmax weight, a BatchNorm, an SE gate), so the whole pyramid is
+      ``x * scale + shift`` with (B, C) ``scale`` and ``shift``. Each level's pooled input and
+      its BatchNorm batch statistics (mean of the means; mean of the variances plus variance of
+      the means) follow from the per-(sample, channel) mean and variance of x, all gates are
+      computed on (B, C) tensors, and the map is read for its moments and written once as the
+      output (one ``addcmul``, broadcast, keeping the memory format). The moments have a
+      one-pass hand-written backward (first-order gradients only). Outputs, gradients and
+      running statistics equal the reference's; an empty batch takes the reference path. The
+      moments and gates are float32 for half inputs.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        levels: int = 2,
+        se_hidden: int = 8,
+        split_reduction: int = 4,
+        split_min_width: int = 32,
+        impl: str = "fused",
+    ) -> None:
+        super().__init__()
+        self.channels = check_positive_int("channels", channels)
+        self.num_levels = _check_levels("APNetC", levels, "channels", channels)
+        for name, value in (("se_hidden", se_hidden), ("split_reduction", split_reduction),
+                            ("split_min_width", split_min_width)):
+            check_positive_int(name, value)
+        self.se = SqueezeExcite(channels, se_hidden)
+        self.split = nn.ModuleList(
+            SplitAttention(channels, 2 ** (level - 1), split_reduction, split_min_width)
+            for level in range(2, levels + 1)
+        )
+        self.impl = impl
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        self._impl = check_impl(value)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, "APNetC", self.channels)
+        if self.training and len(self.split) and x.shape[0] == 1:
+            raise ValueError(
+                "APNetC with levels >= 2 needs a batch of at least 2 in training mode: its split "
+                "attention applies BatchNorm to globally pooled features (one value per channel "
+                "for a batch of 1); use a larger batch or call .eval()"
+            )
+        if self._impl == "reference" or x.shape[0] == 0:  # nothing to fuse on an empty batch
+            for level in reversed(self.split):
+                x = level.reference(x)
+            return self.se.reference(x)
+        return self._fused(x)
+
+    def _fused(self, x: Tensor) -> Tensor:
+        count = x.shape[2] * x.shape[3]
+        with no_autocast(x):
+            if self.training and len(self.split):
+                mean, var = _ChannelMoments.apply(x)
+            else:
+                mean, var = x.mean((2, 3), dtype=compute_dtype(x)), None
+            # The map so far is x * scale + (a shift): track scale and the map's spatial means.
+            scale, pooled = torch.ones_like(mean), mean
+            for level in reversed(self.split):
+                weight = level.gate(pooled)
+                scale, pooled = scale * weight, pooled * weight
+                stats = None if var is None else var * scale.square()
+                norm_scale, norm_shift = _norm_affine(level.norm, pooled, stats, count)
+                scale, pooled = scale * norm_scale, torch.addcmul(norm_shift, pooled, norm_scale)
+            gate = self.se.gate(pooled)
+            scale, pooled = scale * gate, pooled * gate
+            shift = pooled - mean * scale  # the output's spatial means are `pooled`
+            out = torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, levels={self.num_levels}, impl={self._impl!r}"
+
+
+def stripe_loop(x: Tensor, level: Sequence[RGA]) -> Tensor:
+    """One APNet-S level as a Python loop: each agent gates its own stripe (in the agent's impl)."""
+    b, _, h, w = x.shape
+    stripes = x.chunk(len(level), dim=2)
+    shape = (b, 1, h // len(level), w)
+    return torch.cat([_gate(s, agent.spatial_logits(s), shape) for agent, s in zip(level, stripes)], dim=2)
+
+
+def _stripes_fused(x: Tensor, level: Sequence[RGA]) -> Tensor:
+    """One APNet-S level with all its agents in one batched relation call."""
+    b, _, h, w = x.shape
+    tokens = x.unflatten(2, (len(level), h // len(level))).transpose(1, 2).flatten(3)  # (B, G, C, h*W)
+    logits = relation_logits_fused(tokens, [agent.branch("spatial") for agent in level])  # (B, G, h*W)
+    return _gate(x, logits, (b, 1, h, w))
+
+
+class APNetS(nn.Module):
+    """One site of the APNet spatial attention pyramid (APNet-S), RGA-S agents per stripe.
+
+    Level l cuts the height into 2^(l-1) stripes of H / 2^(l-1) rows; each stripe has its own
+    ``RGA(channels, (H / 2^(l-1), W), spatial=True, channel=False, **rga_kw)`` agent, and the
+    stripes' sigmoid gates, stacked along H, multiply the map. Levels run fine -> coarse, each
+    gating the output of the finer one (level 1: one RGA-S on the whole map). The authors
+    released no code for this version; it follows the paper's description.
+
+    Args:
+        channels: C of the input.
+        feat_size: (H, W) of the input; H must be divisible by 2^(levels-1).
+        levels: pyramid height (default 2).
+        impl: ``"fused"`` (default) or ``"reference"``; settable, and passed on to the agents.
+        **rga_kw: channel_ratio, spatial_ratio, down_ratio of the agents (see :class:`RGA`).
+
+    State dict: ``levels.{l-1}.{stripe}.<RGA-S names>``, e.g. ``levels.1.0.theta_spatial.0.weight``
+    is level 2's top stripe; each agent has the official RGA-S layout for its stripe size.
+
+    Paths:
+
+    * ``reference`` loops over the stripes (:func:`stripe_loop`): each agent, in its reference
+      mode, gates its own stripe, and the gated stripes are concatenated along H.
+    * ``fused`` runs a level's agents in one batched call: the stripes are viewed as G stacked
+      token sets (B, G, C, h*W) and :func:`reid_attention.rga.relation_logits_fused` evaluates all
+      G agents with stacked weights; the logits (B, G, h*W) are the (B, 1, H, W) gate by a view.
+      Copies (measured with the profiler): level 1 (G = 1) makes none, in NCHW or channels_last.
+      For G > 1 the (batch, stripe) dims of the token view cannot share one GEMM batch stride,
+      so the projection GEMM gathers the tokens once per level (one copy of x, in either
+      layout). torch.matmul would instead copy the stacked weights once per sample (at layer4,
+      B = 64, G = 2: 0.8 GB) and, for NCHW, the tokens as well; the relation core uses einsum
+      there. The output keeps x's memory format.
+    """
+
+    def __init__(
+        self, channels: int, feat_size: SizeLike, *, levels: int = 2, impl: str = "fused", **rga_kw
+    ) -> None:
+        super().__init__()
+        self.channels = check_positive_int("channels", channels)
+        self.feat_size = pair("feat_size", feat_size)
+        height, width = self.feat_size
+        self.num_levels = _check_levels("APNetS", levels, "the height H", height)
+        self.levels = nn.ModuleList(
+            nn.ModuleList(
+                RGA(channels, (height // stripes, width), spatial=True, channel=False, **rga_kw)
+                for _ in range(stripes)
+            )
+            for stripes in (2 ** i for i in range(levels))
+        )
+        self.impl = impl
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        self._impl = check_impl(value)
+        for agent in self.agents():
+            agent.impl = value
+
+    def agents(self) -> List[RGA]:
+        """Every stripe agent, level by level (top stripe first)."""
+        return [agent for level in self.levels for agent in level]
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, "APNetS", self.channels, self.feat_size)
+        for level in reversed(self.levels):
+            x = stripe_loop(x, level) if self._impl == "reference" else _stripes_fused(x, level)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, feat_size={self.feat_size}, levels={self.num_levels}, impl={self._impl!r}"

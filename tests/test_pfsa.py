@@ -1,0 +1,263 @@
+"""PFSA: the official formula, fused == reference, guards, layouts, dtypes, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reid_attention as ra
+
+PFSA = ra.ParameterFreeSpatialAttention
+
+
+def official_attention(x):
+    """The official SpatialAttn, transcribed: each sample's channel-mean map over its own sum."""
+    maps = x.mean(dim=1)  # (B, H, W)
+    return torch.stack([m / m.sum() for m in maps]).unsqueeze(1)
+
+
+def grads(module, x, pool=False, seed=0):
+    """(output, input gradient) under a fixed random upstream gradient."""
+    x = x.detach().clone().requires_grad_(True)
+    y = module.pool(x) if pool else module(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    y.backward(g)
+    return y.detach(), x.grad
+
+
+def twins(**kw):
+    return PFSA(impl="reference", **kw), PFSA(impl="fused", **kw)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_sum_matches_official_formula_on_nonnegative_input(impl):
+    m = PFSA(impl=impl)
+    x = torch.relu(torch.randn(3, 16, 12, 4, dtype=torch.float64))
+    for xd in (x, x.float()):  # bit for bit
+        assert torch.equal(m.attention(xd), official_attention(xd))
+        assert torch.equal(m(xd), xd * official_attention(xd))
+    a = official_attention(x)
+    # the official network average-pools x * a; pool() is that sum, not the mean
+    torch.testing.assert_close(m.pool(x), F.avg_pool2d(x * a, (12, 4)).flatten(1) * 48, rtol=1e-13, atol=0)
+    # gradients through the official formula
+    for pool in (False, True):
+        ours = grads(m, x, pool)
+        xo = x.clone().requires_grad_(True)
+        yo = (xo * official_attention(xo)).sum((2, 3)) if pool else xo * official_attention(xo)
+        yo.backward(torch.randn(yo.shape, generator=torch.Generator().manual_seed(0), dtype=yo.dtype))
+        torch.testing.assert_close(ours[1], xo.grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_softmax_is_softmax_over_positions(impl):
+    x = torch.randn(2, 8, 5, 3, dtype=torch.float64)
+    a = torch.softmax(x.mean(1).flatten(1), dim=1).view(2, 1, 5, 3)
+    m = PFSA(normalize="softmax", impl=impl)
+    torch.testing.assert_close(m.attention(x), a)
+    torch.testing.assert_close(m(x), x * a)
+    torch.testing.assert_close(m.pool(x), (x * a).sum((2, 3)))
+
+
+@st.composite
+def cases(draw):
+    shape = (
+        draw(st.integers(0, 3)),
+        draw(st.integers(1, 8)),
+        draw(st.integers(1, 7)),
+        draw(st.integers(1, 7)),
+    )
+    return (
+        shape,
+        draw(st.sampled_from(["sum", "softmax"])),
+        draw(st.sampled_from(["nonnegative", "negative", "mixed"])),
+        draw(st.booleans()),  # channels_last
+        draw(st.booleans()),  # pool
+    )
+
+
+def make_input(shape, sign, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=g, dtype=torch.float64) + 0.1
+    if sign == "negative":
+        return -x
+    if sign == "mixed":  # keep each map's sum away from zero: sum-normalisation is ill-posed there
+        return x - 0.5 * x.mean(1, keepdim=True)
+    return x
+
+
+@settings(max_examples=25, deadline=None)
+@given(cases())
+def test_property_fused_equals_reference(case):
+    shape, normalize, sign, channels_last, pool = case
+    x = make_input(shape, sign)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    ref, fused = twins(normalize=normalize)
+    (y_ref, g_ref), (y_fused, g_fused) = grads(ref, x, pool), grads(fused, x, pool)
+    assert y_fused.shape == (shape[:2] if pool else shape) and y_fused.dtype == x.dtype
+    torch.testing.assert_close(y_fused, y_ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g_fused, g_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fused.attention(x), ref.attention(x), rtol=1e-12, atol=1e-14)
+    if shape[0]:
+        assert g_fused.abs().sum() > 0
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    st.sampled_from(["reference", "fused"]),
+    st.sampled_from(["sum", "softmax"]),
+    st.integers(1, 6),
+    st.integers(1, 6),
+)
+def test_property_dtype_shape_and_normalised(dtype, impl, normalize, h, w):
+    m = PFSA(normalize=normalize, impl=impl)
+    x = (torch.rand(2, 4, h, w) + 0.1).to(dtype).requires_grad_(True)
+    y, a, p = m(x), m.attention(x), m.pool(x)
+    assert (y.shape, y.dtype) == (x.shape, dtype)
+    assert (a.shape, a.dtype) == ((2, 1, h, w), dtype)
+    assert (p.shape, p.dtype) == ((2, 4), dtype)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(a.float().sum((2, 3)), torch.ones(2, 1), rtol=0, atol=tol)
+    (y.float().sum() + p.float().sum()).backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("normalize", ["sum", "softmax"])
+@pytest.mark.parametrize("pool", [False, True])
+def test_gradcheck(impl, normalize, pool):
+    m = PFSA(normalize=normalize, impl=impl)
+    x = (torch.rand(2, 3, 3, 2, dtype=torch.float64) + 0.1).requires_grad_(True)
+    fn = m.pool if pool else m
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradcheck(fn, (-x.detach().requires_grad_(True),))
+
+
+def test_fused_refuses_double_backward():
+    x = (torch.rand(2, 3, 3, 2, dtype=torch.float64) + 0.1).requires_grad_(True)
+    (g,) = torch.autograd.grad(PFSA()(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_zero_maps_are_finite(impl):
+    x = torch.rand(3, 4, 5, 6, dtype=torch.float64)
+    x[1] = 0  # an all-zero sample
+    x[2, :2] = -x[2, 2:]  # a map that is zero (up to rounding) although x is not
+    m = PFSA(impl=impl)
+    for pool in (False, True):
+        y, g = grads(m, x, pool)
+        assert torch.isfinite(y).all() and torch.isfinite(g).all()
+    a = m.attention(x)
+    assert a[1].eq(0).all() and torch.isfinite(a[2]).all()  # documented: zero maps give a = 0
+    assert m(x)[1].eq(0).all() and m.pool(x)[1].eq(0).all()
+    torch.testing.assert_close(a[0].sum(), torch.tensor(1.0, dtype=torch.float64))
+    soft = PFSA(normalize="softmax", impl=impl).attention(x)
+    torch.testing.assert_close(soft[1], torch.full_like(soft[1], 1 / 30))
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_negative_maps_and_tiny_sums(impl):
+    m = PFSA(impl=impl)
+    x = -torch.rand(2, 4, 3, 3, dtype=torch.float64) - 0.1
+    a = m.attention(x)
+    # an all-negative map is divided by its own (negative) sum: positive weights summing to 1
+    assert (a > 0).all()
+    torch.testing.assert_close(a, official_attention(x))
+    # a map whose sum is below eps in magnitude uses +-eps: finite, sign of the sum kept
+    tiny = torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+    tiny[0, 0, 0, 0], tiny[0, 0, 1, 1] = 1e-3, -1e-3 + 1e-20
+    y, g = grads(m, tiny)
+    assert torch.isfinite(y).all() and torch.isfinite(g).all()
+    assert torch.isfinite(PFSA(impl=impl, eps=1e-6).attention(tiny)).all()
+    # ... and the clamped sum passes no gradient, on both paths
+    for pool in (False, True):
+        expected = grads(PFSA(impl="reference", eps=1e-6), tiny, pool)
+        torch.testing.assert_close(grads(PFSA(impl=impl, eps=1e-6), tiny, pool), expected)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_one_by_one_maps(impl):
+    x = torch.rand(3, 5, 1, 1, dtype=torch.float64) + 0.1
+    for normalize in ("sum", "softmax"):
+        m = PFSA(normalize=normalize, impl=impl)
+        assert m.attention(x).eq(1).all()
+        torch.testing.assert_close(m(x), x)
+        torch.testing.assert_close(m.pool(x), x.flatten(1))
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_layouts_batch_one_and_empty(impl):
+    m = PFSA(impl=impl)
+    x = torch.rand(3, 8, 6, 5, dtype=torch.float64)
+    expected, expected_pool = m(x), m.pool(x)
+    x_cl = x.to(memory_format=torch.channels_last)
+    y = m(x_cl)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(m.pool(x_cl), expected_pool)
+    _, g = grads(m, x_cl, pool=True)
+    assert g.is_contiguous(memory_format=torch.channels_last)
+    wide = torch.rand(3, 8, 6, 10, dtype=torch.float64)
+    torch.testing.assert_close(m(wide[..., ::2]), m(wide[..., ::2].contiguous()))
+    torch.testing.assert_close(m.pool(wide[..., ::2]), m.pool(wide[..., ::2].contiguous()))
+    torch.testing.assert_close(m(x[:1]), expected[:1])
+    for pool in (False, True):
+        y, g = grads(m, x[:0], pool)
+        assert y.shape == ((0, 8) if pool else (0, 8, 6, 5)) and g.shape == (0, 8, 6, 5)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("normalize", ["sum", "softmax"])
+def test_bf16_autocast_large_activations(impl, normalize):
+    m = PFSA(normalize=normalize, impl=impl)
+    x = (torch.rand(4, 64, 16, 8) * 400).requires_grad_(True)  # post-ReLU activations in the hundreds
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, p = m(x), m.pool(x)
+        yb = m(x.bfloat16())
+    assert y.dtype == p.dtype == torch.float32 and yb.dtype == torch.bfloat16
+    (y.sum() + p.sum() + yb.float().sum()).backward()
+    for t in (y, p, yb, x.grad):
+        assert torch.isfinite(t.float()).all()
+    # the bf16 path computes the map in float32: only the output is rounded
+    torch.testing.assert_close(yb.float(), m(x.detach().bfloat16().float()), rtol=1e-2, atol=1e-3)
+
+
+def test_registry_constructs_runs_and_backpropagates():
+    m = ra.create_attention("pfsa", 16, normalize="softmax")
+    assert isinstance(m, PFSA) and m.normalize == "softmax"
+    x = torch.rand(2, 16, 8, 4, requires_grad=True)
+    m(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert ra.create_attention("pfsa", 16, (8, 4)).pool(x).shape == (2, 16)
+
+
+def test_impl_is_switchable_and_validated():
+    m = PFSA()
+    m.impl = "reference"
+    assert m.impl == "reference" and "reference" in repr(m)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        m.impl = "fast"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        PFSA(impl="cuda")
+
+
+def test_validation_errors():
+    with pytest.raises(ValueError, match="normalize must be one of .* got 'l1'"):
+        PFSA(normalize="l1")
+    with pytest.raises(ValueError, match="eps must be > 0, got 0"):
+        PFSA(eps=0)
+    with pytest.raises(TypeError, match="eps must be a float, got str"):
+        PFSA(eps="1e-6")
+    m = PFSA()
+    with pytest.raises(ValueError, match=r"expects a 4-D input .* got shape \(2, 3, 4\)"):
+        m(torch.rand(2, 3, 4))
+    with pytest.raises(TypeError, match="floating-point input, got dtype torch.int64"):
+        m.pool(torch.ones(1, 2, 3, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="expects a torch.Tensor, got list"):
+        m.attention([[1.0]])
