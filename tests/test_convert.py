@@ -1,0 +1,279 @@
+"""ra.convert on synthetic official checkpoints.
+
+The official networks are rebuilt here with the official module names (so their state_dicts have
+the official keys and shapes) and an independent forward that follows the official code:
+microsoft/Relation-Aware-Global-Attention-Networks (ResNet50_RGA_Model with RGA_Branch) and
+CHENGY12/APNet (Baseline, level 2, with SELayer / SAMS / BN2d). A converted checkpoint must
+load strictly into the preset and give the same features.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.models as tvm
+from conftest import randomize_bn
+from torch import nn
+
+import reid_attention as ra
+
+SIZE = (64, 32)
+RGA_RATIOS = dict(spatial_ratio=2, down_ratio=4)
+TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+def resnet50_last_stride_1() -> nn.Module:
+    return ra.set_last_stride(tvm.resnet50(weights=None), 1)
+
+
+# --------------------------------------------------------------------------- official RGA
+
+
+class OfficialRGABranch(nn.Module):
+    """RGA_Branch: a ResNet-50 trunk with rga_att1..4 (official RGA_Module names = ra.RGA's)."""
+
+    def __init__(self, spatial=True, channel=True):
+        super().__init__()
+        resnet = resnet50_last_stride_1()
+        for name in TRUNK:
+            self.add_module(name, getattr(resnet, name))
+        h, w = SIZE
+        for i, (channels, stride) in enumerate([(256, 4), (512, 8), (1024, 16), (2048, 16)], 1):
+            rga = ra.RGA(channels, (h // stride, w // stride), spatial=spatial, channel=channel, **RGA_RATIOS)
+            self.add_module(f"rga_att{i}", rga)
+
+    def forward(self, x):
+        for name in TRUNK[:4]:
+            x = getattr(self, name)(x)
+        for i in range(1, 5):
+            x = getattr(self, f"rga_att{i}")(getattr(self, f"layer{i}")(x))
+        return x
+
+
+class OfficialRGAModel(nn.Module):
+    """ResNet50_RGA_Model: backbone, feat_bn and cls (the head the converter drops)."""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.backbone = OfficialRGABranch(**kw)
+        self.feat_bn = nn.BatchNorm1d(2048)
+        self.cls = nn.Linear(2048, 10, bias=False)
+
+    def pooled(self, x):
+        feat = self.backbone(x)
+        return F.avg_pool2d(feat, feat.shape[2:]).flatten(1)
+
+
+@pytest.fixture(scope="module")
+def official_rga():
+    torch.manual_seed(0)
+    return randomize_bn(OfficialRGAModel()).eval()
+
+
+@pytest.fixture(scope="module")
+def rga_preset():
+    return ra.presets.rga_resnet50(input_size=SIZE, **RGA_RATIOS).eval()
+
+
+@pytest.mark.parametrize("form", ["model", "checkpoint", "data_parallel", "branch_only"])
+def test_rga_checkpoint_forms_load_strictly_and_match(official_rga, rga_preset, form):
+    state = official_rga.state_dict()
+    checkpoint = {
+        "model": state,
+        "checkpoint": {"state_dict": state, "epoch": 600, "best_top1": 0.9},
+        "data_parallel": {f"module.{k}": v for k, v in state.items()},
+        "branch_only": official_rga.backbone.state_dict(),
+    }[form]
+    converted = ra.convert.from_official_rga(checkpoint)
+    rga_preset.load_state_dict(converted, strict=True)
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(rga_preset(x), official_rga.pooled(x), rtol=1e-4, atol=1e-5)
+
+
+def test_rga_key_mapping(official_rga):
+    converted = ra.convert.from_official_rga(official_rga.state_dict())
+    assert torch.equal(
+        converted["layer3.attention.gg_spatial.0.weight"], official_rga.backbone.rga_att3.gg_spatial[0].weight
+    )
+    assert torch.equal(converted["layer2.3.bn3.running_var"], official_rga.backbone.layer2[3].bn3.running_var)
+    assert not any(k.startswith(("feat_bn", "cls", "backbone", "rga_att")) for k in converted)
+
+
+def test_rga_spatial_only_checkpoint():
+    official = OfficialRGAModel(channel=False)
+    converted = ra.convert.from_official_rga(official.state_dict())
+    preset = ra.presets.rga_resnet50(input_size=SIZE, channel=False, **RGA_RATIOS)
+    preset.load_state_dict(converted, strict=True)
+
+
+def test_rga_errors(official_rga):
+    state = official_rga.state_dict()
+    with pytest.raises(ValueError, match=r"unexpected keys \['extra.weight'\]"):
+        ra.convert.from_official_rga({**state, "backbone.extra.weight": torch.zeros(1)})
+    partial = {k: v for k, v in state.items() if k != "backbone.layer3.1.conv2.weight"}
+    with pytest.raises(ValueError, match=r"missing keys \['layer3.1.conv2.weight'\]"):
+        ra.convert.from_official_rga(partial)
+    no_att3 = {k: v for k, v in state.items() if "rga_att3" not in k}
+    with pytest.raises(ValueError, match=r"missing keys \['layer3.attention.theta_spatial.0.weight'"):
+        ra.convert.from_official_rga(no_att3)
+    with pytest.raises(TypeError, match="mapping"):
+        ra.convert.from_official_rga([1, 2])
+    with pytest.raises(TypeError, match="tensors"):
+        ra.convert.from_official_rga({"conv1.weight": 1.0})
+
+
+# --------------------------------------------------------------------------- official APNet
+
+
+class SELayer(nn.Module):
+    def __init__(self, channels, reduction):
+        super().__init__()
+        self.fc = nn.Sequential(
+            nn.Linear(channels, channels // reduction, bias=False),
+            nn.ReLU(),
+            nn.Linear(channels // reduction, channels, bias=False),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x):  # the gate, as the official layer returns it
+        return self.fc(x.mean((2, 3))).view(*x.shape[:2], 1, 1)
+
+
+class SAMS(nn.Module):
+    """Split-attend-merge-stack with ``radix`` channel groups (official parameter names)."""
+
+    def __init__(self, in_channels, channels, radix):
+        super().__init__()
+        width = max(in_channels * radix // 4, 32)
+        self.radix = radix
+        self.fc1 = nn.Conv2d(channels, width, 1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.fc2 = nn.Conv2d(width, channels * radix, 1)
+
+    def forward(self, x):
+        b, c = x.shape[:2]
+        groups = x.view(b, self.radix, c // self.radix, *x.shape[2:])
+        pooled = groups.sum(1).mean((2, 3), keepdim=True)
+        logits = self.fc2(F.relu(self.bn1(self.fc1(pooled))))
+        weights = logits.view(b, self.radix, c // self.radix).softmax(1)
+        return (groups * weights[..., None, None]).view_as(x)
+
+
+class BN2d(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.bottleneck2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return self.bottleneck2(x)
+
+
+class OfficialResNet(nn.Module):
+    """The official backbone: conv1, bn1, maxpool (no ReLU module), layer1..4."""
+
+    def __init__(self):
+        super().__init__()
+        resnet = resnet50_last_stride_1()
+        for name in ("conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            self.add_module(name, getattr(resnet, name))
+
+
+class OfficialBaseline(nn.Module):
+    """Baseline(level): base, its stage views base_1..base_5 (the same modules again), and per
+    stage k the SE gate att{k} (level >= 1), SAMS att_s{k} + BN{k} (level 2); head bottleneck,
+    classifier."""
+
+    def __init__(self, level=2):
+        super().__init__()
+        self.level = level
+        self.base = OfficialResNet()
+        children = list(self.base.children())
+        for k, (lo, hi) in enumerate([(0, 3), (3, 4), (4, 5), (5, 6), (6, 7)], 1):
+            self.add_module(f"base_{k}", nn.Sequential(*children[lo:hi]))
+        for k, (channels, reduction) in enumerate(
+            [(64, 8), (256, 32), (512, 64), (1024, 128), (2048, 256)], 1
+        ):
+            self.add_module(f"att{k}", SELayer(channels, reduction))
+            if level > 1:
+                self.add_module(f"att_s{k}", SAMS(channels, channels // level, radix=level))
+                self.add_module(f"BN{k}", BN2d(channels))
+        self.bottleneck = nn.BatchNorm1d(2048)
+        self.classifier = nn.Linear(2048, 10, bias=False)
+
+    def global_feat(self, x):
+        for k in range(1, 6):
+            x = getattr(self, f"base_{k}")(x)
+            if self.level > 1:
+                x = getattr(self, f"BN{k}")(getattr(self, f"att_s{k}")(x))
+            x = x * getattr(self, f"att{k}")(x)
+        return x.mean((2, 3))
+
+
+@pytest.fixture(scope="module")
+def official_apnet():
+    torch.manual_seed(1)
+    return randomize_bn(OfficialBaseline()).eval()
+
+
+def test_apnet_has_every_backbone_tensor_twice(official_apnet):
+    keys = official_apnet.state_dict()
+    assert "base.layer4.2.conv3.weight" in keys and "base_5.0.2.conv3.weight" in keys
+    assert "base_1.0.weight" in keys and "base_1.1.running_mean" in keys
+
+
+@pytest.mark.parametrize("form", ["model", "checkpoint", "data_parallel"])
+def test_apnet_checkpoint_forms_load_strictly_and_match(official_apnet, form):
+    state = official_apnet.state_dict()
+    checkpoint = {
+        "model": state,
+        "checkpoint": {"state_dict": state},
+        "data_parallel": {f"module.{k}": v for k, v in state.items()},
+    }[form]
+    converted = ra.convert.from_official_apnet(checkpoint)
+    preset = ra.presets.apnet_resnet50(input_size=SIZE).eval()
+    preset.load_state_dict(converted, strict=True)
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(preset(x), official_apnet.global_feat(x), rtol=1e-4, atol=1e-5)
+
+
+def test_apnet_key_mapping(official_apnet):
+    converted = ra.convert.from_official_apnet(official_apnet.state_dict())
+    assert torch.equal(converted["maxpool.attention.se.fc.2.weight"], official_apnet.att1.fc[2].weight)
+    assert torch.equal(converted["layer2.attention.split.0.fc1.bias"], official_apnet.att_s3.fc1.bias)
+    assert torch.equal(
+        converted["layer4.attention.split.0.norm.running_var"], official_apnet.BN5.bottleneck2.running_var
+    )
+    assert torch.equal(converted["layer1.attention.split.0.bn1.weight"], official_apnet.att_s2.bn1.weight)
+    assert not any(k.startswith(("base", "bottleneck", "classifier", "att", "BN")) for k in converted)
+
+
+def test_apnet_level_1_and_only_one_backbone_copy():
+    torch.manual_seed(2)
+    official = randomize_bn(OfficialBaseline(level=1)).eval()
+    state = {k: v for k, v in official.state_dict().items() if not k.startswith("base.")}  # views only
+    preset = ra.presets.apnet_resnet50(level=1, input_size=SIZE).eval()
+    preset.load_state_dict(ra.convert.from_official_apnet(state), strict=True)
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(preset(x), official.global_feat(x), rtol=1e-4, atol=1e-5)
+
+
+def test_apnet_errors(official_apnet):
+    state = official_apnet.state_dict()
+    differing = dict(state)
+    differing["base_2.0.0.conv1.weight"] = state["base_2.0.0.conv1.weight"] + 1
+    with pytest.raises(ValueError, match="copies of 'layer1.0.conv1.weight' differ"):
+        ra.convert.from_official_apnet(differing)
+    with pytest.raises(ValueError, match="level 3"):
+        ra.convert.from_official_apnet({**state, "att_ss1.fc1.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"unexpected keys \['head.weight'\]"):
+        ra.convert.from_official_apnet({**state, "head.weight": torch.zeros(1)})
+    no_bn3 = {k: v for k, v in state.items() if not k.startswith("BN3.")}
+    with pytest.raises(ValueError, match=r"missing keys \['layer2.attention.split.0.norm.weight'"):
+        ra.convert.from_official_apnet(no_bn3)
+    no_layer4 = {k: v for k, v in state.items() if not k.startswith(("base.layer4.", "base_5."))}
+    with pytest.raises(ValueError, match=r"missing keys \['layer4.0.conv1.weight'"):
+        ra.convert.from_official_apnet(no_layer4)
