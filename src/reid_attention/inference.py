@@ -1,0 +1,80 @@
+"""Inference-time BatchNorm folding: :func:`fuse_for_inference`.
+
+An eval-mode BatchNorm after a convolution is an affine map per output channel,
+
+    BN(W x + b) = s * (W x + b - mean) + beta,      s = gamma / sqrt(var + eps),
+
+so its scale ``s`` can live in the convolution weight (``W' = s W``) and everything else in one
+shift ``beta' = beta + s * (b - mean)``. The folded BatchNorm is kept as a module in canonical
+"shift only" form: weight 1, running mean 0, running variance ``1 - eps`` (so that
+``sqrt(var + eps) = 1``) and bias ``beta'``; a convolution bias, if any, becomes 0.
+
+Keeping the BatchNorm module (instead of deleting it or moving the shift into a conv bias) is
+deliberate: both paths of every layer read the same modules (the fused paths take ``seq[0].weight``
+and call BatchNorms through :func:`reid_attention._common.batch_norm`, and ignore conv biases, as
+the official modules have none), the state_dict keeps every key and shape, and a folded state_dict
+loaded into an unfolded module -- or the official one -- computes the same eval-mode function.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+__all__ = ["fuse_for_inference"]
+
+
+def fuse_for_inference(module: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``module`` with conv -> BatchNorm pairs folded; ``module`` is untouched.
+
+    Folded: every BatchNorm that directly follows a (non-transposed) convolution inside an
+    ``nn.Sequential`` -- every CBR and ``W`` network of RGA and of APNet-S's agents, and e.g.
+    torchvision's downsample branches -- when the BatchNorm is affine, tracks running statistics,
+    normalises the convolution's output channels and has ``eps < 1``. Other BatchNorms are left
+    as they are. The copy computes the same eval-mode function as ``module.eval()`` (up to
+    rounding; the fold is computed in float64 and stored in each parameter's dtype).
+
+    The copy is for inference: in training mode a folded BatchNorm would normalise with batch
+    statistics again and the folded scale would be lost.
+    """
+    folded = copy.deepcopy(module).eval()
+    for seq in folded.modules():
+        if isinstance(seq, nn.Sequential):
+            layers = list(seq)
+            for conv, bn in zip(layers, layers[1:]):
+                if _foldable(conv, bn):
+                    _fold(conv, bn)
+    return folded
+
+
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    return (
+        isinstance(conv, _ConvNd)
+        and not conv.transposed
+        and isinstance(bn, _BatchNorm)
+        and bn.affine
+        and bn.track_running_stats
+        and bn.num_features == conv.out_channels
+        and bn.eps < 1
+    )
+
+
+@torch.no_grad()
+def _fold(conv: _ConvNd, bn: _BatchNorm) -> None:
+    """Fold ``bn`` (eval mode) into ``conv``'s weight and leave ``bn`` as a pure shift."""
+    f64 = torch.float64
+    scale = bn.weight.to(f64) * torch.rsqrt(bn.running_var.to(f64) + bn.eps)
+    conv_bias = conv.bias.to(f64) if conv.bias is not None else 0.0
+    shift = bn.bias.to(f64) + scale * (conv_bias - bn.running_mean.to(f64))
+    weight_scale = scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+    conv.weight.copy_(conv.weight.to(f64) * weight_scale)
+    if conv.bias is not None:
+        conv.bias.zero_()
+    bn.weight.fill_(1.0)
+    bn.bias.copy_(shift)
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0 - bn.eps)
