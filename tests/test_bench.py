@@ -124,3 +124,17 @@ def test_parse_sites_and_bad_kind():
         parse_sites("256-64x32")
     with pytest.raises(SystemExit, match="unknown --kind nope"):
         main(["layers", "--kind", "nope", "--quiet"])
+
+
+def test_cli_network_overhead(capsys):
+    argv = ["network", "--backbone", "resnet18", "--attention", "rga_s", "--input-size", "128x64",
+            "--sites", "layer1,layer2", "--batch", "2", "--memory-batch", "2", "--repeat", "0.01", "--quiet",
+            "--format", "json"]
+    assert main(argv) == 0
+    plain, wrapped = json.loads(capsys.readouterr().out)["records"]
+    assert (plain["model"], wrapped["model"]) == ("resnet18", "resnet18 + rga_s")
+    assert plain["time_x"] == 1 and plain["params_x"] == 1
+    extra = sum(p.numel() for s in ((64, (32, 16)), (128, (16, 8)))
+                for p in ra.create_attention("rga_s", s[0], feat_size=s[1]).parameters())
+    assert wrapped["params"] - plain["params"] == extra
+    assert wrapped["gflops_x"] > 1 and wrapped["peak_mib"] > 0 and wrapped["time_x"] > 0

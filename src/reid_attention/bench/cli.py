@@ -137,7 +137,7 @@ def _network_jobs(args: argparse.Namespace):
     jobs = []
     for attention in (None, args.attention):
         spec = network_spec(args.backbone, attention, args.input_size, batch=args.batch,
-                            last_stride=args.last_stride, **_common(args))
+                            last_stride=args.last_stride, sites=args.sites, **_common(args))
         name = args.backbone + (f" + {attention}" if attention else "")
         jobs.append((name, lambda s=spec, n=name: measure(
             s, {"model": n}, memory_batch=args.memory_batch, min_run_time=args.min_run_time)))
@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_argument("--attention", default="rga_sc")
     network.add_argument("--input-size", type=_size, default=(256, 128))
     network.add_argument("--last-stride", type=int, default=1, help="ResNet last stride (0: leave as is)")
+    network.add_argument("--sites", type=lambda s: s.split(","), default=None,
+                         help="module names (default: the stage ends; with last stride 1 a ResNet's layer3 "
+                              "and layer4 share stride 16, so pass layer1,layer2,layer3,layer4 for RGA's sites)")
     _add_common(network, batch=8, memory_batch=32)
     sweep = sub.add_parser("sweep", help="cost as the input resolution grows, reference vs fused, with a plot")
     sweep.add_argument("--kind", default="rga_s")
@@ -273,7 +276,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     # default: the largest paper site of every kind, then the ResNet-50 + RGA-SC overhead
     ns = dict(vars(args), kind="all", sites="first", impl=["reference", "fused"], compile=False)
     layer_records = _run_jobs(_layer_jobs(argparse.Namespace(**ns)), args.quiet)
-    ns.update(backbone="resnet50", attention="rga_sc", input_size=(256, 128), last_stride=1, memory_batch=0)
+    ns.update(backbone="resnet50", attention="rga_sc", input_size=(256, 128), last_stride=1, memory_batch=0,
+              sites=["layer1", "layer2", "layer3", "layer4"])
     net_records = _with_overhead(_run_jobs(_network_jobs(argparse.Namespace(**ns)), args.quiet))
     return {"environment": env, "records": layer_records + net_records,
             "tables": [(layer_records, LAYER_COLUMNS), (net_records, NETWORK_COLUMNS)]}

@@ -83,11 +83,14 @@ def network(
 
 
 def network_spec(backbone: str, attention: Optional[str], input_size: Sequence[int], *, batch: int,
-                 last_stride: Optional[int] = 1, impl: Optional[str] = "fused", **common: Any) -> Dict[str, Any]:
+                 last_stride: Optional[int] = 1, impl: Optional[str] = "fused",
+                 sites: Optional[Sequence[str]] = None, **common: Any) -> Dict[str, Any]:
     kw: Dict[str, Any] = dict(backbone=backbone, attention=attention, input_size=list(input_size),
                               last_stride=last_stride)
     if attention and impl:
         kw["impl"] = impl
+    if attention and sites:
+        kw["sites"] = list(sites)
     spec = layer_spec("", 3, tuple(input_size), batch=batch, impl=None, **common)
     spec.update(factory="reid_attention.bench.suites:network", kwargs=kw)
     return spec
