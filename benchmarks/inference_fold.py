@@ -1,0 +1,92 @@
+"""RGA-SC eval forward at the paper's four sites: unfolded vs ``ra.fuse_for_inference``.
+
+Median eval-mode forward time (``torch.no_grad``) at ``--batch`` (default 8) for each path, the
+folded module's time, their ratio, and the largest output difference between the two (float32).
+
+    python benchmarks/inference_fold.py                 # CPU, 2 threads -> results/inference_fold_cpu.json
+    python benchmarks/inference_fold.py --device cuda --batch 64
+    python benchmarks/inference_fold.py --quick         # smoke run: one small site, nothing written
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import torch
+
+import reid_attention as ra
+from reid_attention.bench.measure import time_callable
+from reid_attention.bench.report import environment, format_records
+from reid_attention.bench.suites import PAPER_SITES
+
+COLUMNS = ["site", "impl", "unfolded_ms", "folded_ms", "speedup", "max_abs_diff"]
+HEADERS = {"unfolded_ms": "unfolded ms", "folded_ms": "folded ms", "max_abs_diff": "max |diff|"}
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def measure_site(channels, feat_size, impl, *, batch, device, threads, min_run_time):
+    """One row: eval forward of RGA-SC unfolded and folded at one site."""
+    module = ra.create_attention("rga_sc", channels, feat_size=feat_size, impl=impl).to(device).eval()
+    folded = ra.fuse_for_inference(module)
+    x = torch.randn(batch, channels, *feat_size, device=device)
+
+    def timed(m):
+        def forward():
+            with torch.no_grad():
+                m(x)
+
+        return time_callable(forward, min_run_time=min_run_time, threads=threads).median * 1e3
+
+    with torch.no_grad():
+        diff = (folded(x) - module(x)).abs().max().item()
+    unfolded_ms, folded_ms = timed(module), timed(folded)
+    return {
+        "site": f"{channels}:{feat_size[0]}x{feat_size[1]}",
+        "impl": impl,
+        "unfolded_ms": unfolded_ms,
+        "folded_ms": folded_ms,
+        "speedup": unfolded_ms / folded_ms,
+        "max_abs_diff": diff,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--impl", choices=["fused", "reference", "both"], default="both")
+    p.add_argument("--min-run-time", type=float, default=1.0)
+    p.add_argument("--quick", action="store_true", help="smoke run: one small site, batch 2")
+    p.add_argument("--out", type=pathlib.Path, default=None)
+    args = p.parse_args(argv)
+
+    sites = PAPER_SITES["rga"]
+    if args.quick:
+        sites, args.batch, args.min_run_time = [(64, (16, 8))], 2, 0.05
+    impls = ["reference", "fused"] if args.impl == "both" else [args.impl]
+    torch.set_num_threads(args.threads)
+    records = []
+    for channels, feat_size in sites:
+        for impl in impls:
+            print(f"{channels}:{feat_size[0]}x{feat_size[1]} {impl}", file=sys.stderr, flush=True)
+            records.append(
+                measure_site(channels, feat_size, impl, batch=args.batch, device=args.device,
+                             threads=args.threads, min_run_time=args.min_run_time)
+            )
+    env = environment(args.device, args.threads)
+    env.update(batch=args.batch, mode="eval forward, torch.no_grad", kind="rga_sc")
+    print(format_records(records, COLUMNS, "table", headers=HEADERS))
+    out = args.out or RESULTS / f"inference_fold_{args.device.split(':')[0]}.json"
+    if not args.quick or args.out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"environment": env, "records": records}, indent=2) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""fuse_for_inference: same eval function, original untouched, state_dict contract kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from all_kinds import KINDS, build, kind_impl_params, make_input
+from conftest import randomize_bn
+from torch import nn
+
+import reid_attention as ra
+
+TOL = {"atol": 1e-12, "rtol": 1e-10}  # float64: folding only reorders a few multiplications
+
+
+def _is_shift_only(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    return bool(
+        (bn.weight == 1).all() and (bn.running_mean == 0).all() and (bn.running_var == 1 - bn.eps).all()
+    )
+
+
+@pytest.mark.parametrize("kind,impl", kind_impl_params())
+def test_folded_equals_eval_module(kind, impl):
+    module = build(kind, impl).train()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    folded = ra.fuse_for_inference(module)
+    assert not folded.training and module.training, "a folded copy in eval mode; the original keeps its mode"
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), f"fuse_for_inference changed the original's {key}"
+    x = make_input(3)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), module.eval()(x), **TOL)
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k.startswith("rga") or k == "apnet_s"])
+def test_every_rga_batchnorm_is_folded(kind):
+    folded = ra.fuse_for_inference(build(kind))
+    bns = [m for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(_is_shift_only(bn) for bn in bns)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_folded_paths_agree_and_fold_is_idempotent(kind):
+    folded = ra.fuse_for_inference(build(kind))
+    x = make_input(2, seed=1)
+    with torch.no_grad():
+        fused_out = folded(x)
+        folded.impl = "reference"
+        torch.testing.assert_close(folded(x), fused_out, **TOL)
+        torch.testing.assert_close(ra.fuse_for_inference(folded)(x), fused_out, **TOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_folded_state_dict_loads_into_unfolded_module(kind):
+    """Same keys and shapes; loaded into a plain module the eval function is unchanged."""
+    module = build(kind).eval()
+    folded_state = ra.fuse_for_inference(module).state_dict()
+    shapes = {k: v.shape for k, v in module.state_dict().items()}
+    assert {k: v.shape for k, v in folded_state.items()} == shapes
+    fresh = build(kind, seed=1).eval()
+    fresh.load_state_dict(folded_state, strict=True)
+    x = make_input(2, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), module(x), **TOL)
+
+
+def _conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Sequential:
+    return randomize_bn(nn.Sequential(conv, bn, nn.ReLU()), seed=3).double()
+
+
+@pytest.mark.parametrize(
+    "seq,shape",
+    [
+        pytest.param(
+            lambda: _conv_bn(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.BatchNorm2d(6)), (2, 4, 5, 5),
+            id="3x3-bias-groups",
+        ),
+        pytest.param(
+            lambda: _conv_bn(nn.Conv1d(4, 6, 1, bias=False), nn.BatchNorm1d(6)), (2, 4, 7), id="conv1d"
+        ),
+    ],
+)
+def test_generic_conv_bn_pairs_fold(seq, shape):
+    seq = seq()
+    folded = ra.fuse_for_inference(seq)
+    assert _is_shift_only(folded[1])
+    assert folded[0].bias is None or (folded[0].bias == 0).all()
+    x = torch.randn(shape, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), seq.eval()(x), **TOL)
+
+
+@pytest.mark.parametrize(
+    "seq",
+    [
+        pytest.param(lambda: _conv_bn(nn.ConvTranspose2d(4, 4, 1), nn.BatchNorm2d(4)), id="transposed"),
+        pytest.param(lambda: _conv_bn(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, affine=False)), id="no-affine"),
+        pytest.param(
+            lambda: _conv_bn(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)), id="no-stats"
+        ),
+    ],
+)
+def test_unfoldable_pairs_are_left_alone(seq):
+    seq = seq()
+    folded = ra.fuse_for_inference(seq)
+    for (key, value), original in zip(folded.state_dict().items(), seq.state_dict().values()):
+        assert torch.equal(value, original), key
+
+
+def test_meta_device_module_folds():
+    folded = ra.fuse_for_inference(build("rga_sc").to("meta"))
+    assert folded(make_input(2).to("meta")).shape == (2, 64, 16, 8)
