@@ -270,3 +270,7 @@ def test_registry():
         ra.create_attention("rga", 32, feat_size=(16, 8))
     with pytest.raises(ValueError, match="pass feat_size"):
         ra.create_attention("rga_s", 32)
+    with pytest.raises(ValueError, match="channels must be >= 1"):
+        ra.create_attention("pfsa", 0)
+    with pytest.raises(TypeError, match="channels must be an int"):
+        ra.create_attention("pfsa", 64.0)

@@ -19,6 +19,20 @@ def check_impl(impl: object) -> str:
     return impl
 
 
+class ImplSwitch:
+    """Mixin: the ``impl`` attribute ("reference" | "fused"), validated on every assignment."""
+
+    _impl: str
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        self._impl = check_impl(value)
+
+
 def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

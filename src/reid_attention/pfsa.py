@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._common import check_impl, check_input, compute_dtype, no_autocast
+from ._common import ImplSwitch, check_input, compute_dtype, no_autocast
 
 __all__ = ["ParameterFreeSpatialAttention"]
 
@@ -127,7 +127,7 @@ class _FusedPFSA(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-class ParameterFreeSpatialAttention(nn.Module):
+class ParameterFreeSpatialAttention(ImplSwitch, nn.Module):
     """Parameter-free spatial attention: ``x * a`` with a the normalised channel-mean map.
 
     Args:
@@ -152,14 +152,6 @@ class ParameterFreeSpatialAttention(nn.Module):
         self.normalize = normalize
         self.eps = float(eps)
         self.impl = impl
-
-    @property
-    def impl(self) -> str:
-        return self._impl
-
-    @impl.setter
-    def impl(self, value: str) -> None:
-        self._impl = check_impl(value)
 
     def _weights(self, x: Tensor) -> Tensor:
         """Attention a (B, H*W) in the compute dtype (autocast off)."""

@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 from ._common import (
     SizeLike,
     batch_norm,
-    check_impl,
+    ImplSwitch,
     check_input,
     check_positive_int,
     compute_dtype,
@@ -178,7 +178,7 @@ class _ChannelMoments(torch.autograd.Function):
             return torch.addcmul(offset[:, :, None, None], x, slope[:, :, None, None]).to(x.dtype)
 
 
-class APNetC(nn.Module):
+class APNetC(ImplSwitch, nn.Module):
     """One site of the APNet channel attention pyramid (APNet-C).
 
     Levels run fine -> coarse: split attention with r = 2^(l-1) groups for l = levels .. 2 (each
@@ -243,14 +243,6 @@ class APNetC(nn.Module):
         )
         self.impl = impl
 
-    @property
-    def impl(self) -> str:
-        return self._impl
-
-    @impl.setter
-    def impl(self, value: str) -> None:
-        self._impl = check_impl(value)
-
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, "APNetC", self.channels)
         if self.training and len(self.split) and x.shape[0] == 1:
@@ -306,7 +298,7 @@ def _stripes_fused(x: Tensor, level: Sequence[RGA]) -> Tensor:
     return _gate(x, logits, (b, 1, h, w))
 
 
-class APNetS(nn.Module):
+class APNetS(ImplSwitch, nn.Module):
     """One site of the APNet spatial attention pyramid (APNet-S), RGA-S agents per stripe.
 
     Level l cuts the height into 2^(l-1) stripes of H / 2^(l-1) rows; each stripe has its own
@@ -357,13 +349,9 @@ class APNetS(nn.Module):
         )
         self.impl = impl
 
-    @property
-    def impl(self) -> str:
-        return self._impl
-
-    @impl.setter
+    @ImplSwitch.impl.setter
     def impl(self, value: str) -> None:
-        self._impl = check_impl(value)
+        ImplSwitch.impl.fset(self, value)
         for agent in self.agents():
             agent.impl = value
 

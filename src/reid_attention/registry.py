@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 from torch import nn
 
-from ._common import SizeLike
+from ._common import SizeLike, check_positive_int
 
 __all__ = ["create_attention", "list_attentions", "register_attention"]
 
@@ -52,6 +52,7 @@ def _entry(name: str) -> _Entry:
 def create_attention(name: str, channels: int, feat_size: Optional[SizeLike] = None, **kwargs) -> nn.Module:
     """Build a registered attention for a (B, channels, *feat_size) feature map."""
     entry = _entry(name)
+    check_positive_int("channels", channels)  # also for kinds without weights (pfsa)
     if entry.needs_feat_size and feat_size is None:
         raise ValueError(f"attention {name!r} depends on the map size: pass feat_size=(H, W)")
     return entry.factory(channels, feat_size, **kwargs)

@@ -32,13 +32,14 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import (
     SizeLike,
     batch_norm,
     cbr,
-    check_impl,
+    ImplSwitch,
     check_input,
     check_positive_int,
     compute_dtype,
@@ -78,6 +79,23 @@ def build_branch(features: int, d_inner: int, tokens: int, n_inner: int, down_ra
     )
 
 
+def _project(weight: Tensor, tokens: Tensor) -> Tensor:
+    """1x1 projections of stacked agents: weight (G, O, d) x tokens (B, G, d, n) -> (B, G, O, n).
+
+    The weight gradient is always one GEMM over the whole batch: a broadcast ``matmul`` would
+    materialise it per sample (B x O x d) before reducing. One agent: a linear over the folded
+    batch when the tokens are stored token-major (the channel axis of an NCHW map, the spatial
+    axis of a channels_last one), else a 1x1 conv; neither copies the input. Several agents
+    (APNet-S stripes): einsum, which gathers the tokens once.
+    """
+    if tokens.shape[1] > 1:
+        return torch.einsum("goi,bgin->bgon", weight, tokens)
+    t = tokens[:, 0]
+    if t.stride(1) == 1 and t.transpose(1, 2).is_contiguous():
+        return F.linear(t.transpose(1, 2), weight[0]).transpose(1, 2).unsqueeze(1)
+    return F.conv1d(t, weight[0].unsqueeze(-1)).unsqueeze(1)
+
+
 def _apply(seq: nn.Sequential, t: Tensor, dtype: torch.dtype, relu: bool = True) -> Tensor:
     """Conv(1x1) -> BN [-> ReLU] of an official Sequential on tokens (B, d, n).
 
@@ -114,13 +132,8 @@ def relation_logits_fused(tokens: Tensor, branches: Sequence[RelationBranch]) ->
     w_proj = torch.stack(
         [torch.cat([b.theta[0].weight, b.phi[0].weight, b.gx[0].weight]).flatten(1) for b in branches]
     )
-    # One agent: a broadcast matmul, no copies. Several: torch.matmul would copy the weights once
-    # per sample, einsum folds the batch into the GEMM columns instead (one copy of the tokens).
     w_proj = w_proj.to(tokens.dtype)
-    if groups == 1:
-        proj = torch.matmul(w_proj, tokens)  # (B, G, 3d', n)
-    else:
-        proj = torch.einsum("goi,bgin->bgon", w_proj, tokens)
+    proj = _project(w_proj, tokens)  # (B, G, 3d', n)
     d_inner = proj.shape[2] // 3
     with no_autocast(tokens):
         proj = batch_norm(
@@ -157,7 +170,7 @@ def _gate(x: Tensor, logits: Tensor, shape: Sequence[int]) -> Tensor:
     return x * torch.sigmoid(logits).view(shape).to(x.dtype)
 
 
-class RGA(nn.Module):
+class RGA(ImplSwitch, nn.Module):
     """Relation-aware global attention: RGA-S, RGA-C or RGA-SC on a (B, C, H, W) map.
 
     Args:
@@ -222,14 +235,6 @@ class RGA(nn.Module):
         for stem in ("theta", "phi", "gx", "gg", "W"):  # the official registration order
             for axis, modules in axes.items():
                 self.add_module(f"{stem}_{axis}", modules[stem])
-
-    @property
-    def impl(self) -> str:
-        return self._impl
-
-    @impl.setter
-    def impl(self, value: str) -> None:
-        self._impl = check_impl(value)
 
     def branch(self, axis: str) -> RelationBranch:
         """The official sub-networks of ``axis`` ("spatial" or "channel")."""
