@@ -138,3 +138,13 @@ def test_cli_network_overhead(capsys):
                 for p in ra.create_attention("rga_s", s[0], feat_size=s[1]).parameters())
     assert wrapped["params"] - plain["params"] == extra
     assert wrapped["gflops_x"] > 1 and wrapped["peak_mib"] > 0 and wrapped["time_x"] > 0
+
+
+def test_options_without_a_command_run_the_default():
+    from reid_attention.bench.cli import build_parser, normalise_argv
+
+    assert normalise_argv([]) == ["default"]
+    assert normalise_argv(["--threads", "2"]) == ["default", "--threads", "2"]
+    assert normalise_argv(["layers", "--batch", "2"]) == ["layers", "--batch", "2"]
+    args = build_parser().parse_args(normalise_argv(["--threads", "2", "--format", "json"]))
+    assert (args.command, args.threads, args.format) == ("default", 2, "json")

@@ -296,12 +296,20 @@ def _render(result: Dict[str, Any], fmt: str) -> str:
     return "\n\n".join([head, *parts])
 
 
+COMMANDS = ("layers", "network", "sweep", "default")
+
+
+def normalise_argv(argv: Sequence[str]) -> List[str]:
+    """Options without a command run the default configuration (``bench --threads 2``)."""
+    argv = list(argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv.insert(0, "default")
+    return argv
+
+
 def main(argv: Optional[Iterable[str]] = None) -> int:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" noise
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
-    args.command = args.command or "default"
-    if args.command == "default" and not hasattr(args, "device"):
-        args = build_parser().parse_args(["default", *(list(argv) if argv is not None else sys.argv[1:])])
+    args = build_parser().parse_args(normalise_argv(sys.argv[1:] if argv is None else argv))
     result = run(args)
     text = _render(result, args.format)
     print(text)

@@ -1,0 +1,65 @@
+"""Render the committed result files (benchmarks/results/*.json) as the README's markdown tables.
+
+    python benchmarks/readme_tables.py > /tmp/tables.md
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from reid_attention.bench.report import format_records
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+HEADERS = {"fwd_bwd_ms": "fwd+bwd ms", "gflops": "GFLOP fwd", "peak_mib": "peak MiB", "fwd_ms": "fwd ms",
+           "samples_per_s": "samples/s", "memory_batch": "mem batch", "time_x": "time x", "memory_x": "memory x",
+           "params_x": "params x", "gflops_x": "FLOP x", "eval_ms": "eval fwd ms"}
+
+
+def load(name: str):
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def machine(env) -> str:
+    return (f"{env['date']}, {env['device_name']}, {env['threads']} threads, torch {env['torch']}")
+
+
+def section(title: str, result, columns, note: str = "") -> str:
+    if result is None:
+        return ""
+    cols = [c for c in columns if any(r.get(c) is not None for r in result["records"])]
+    table = format_records(result["records"], cols, "markdown", headers=HEADERS)
+    summary = result.get("summary")
+    tail = f"\n\nSummary: `{json.dumps(summary)}`" if summary else ""
+    return f"#### {title}\n\n{machine(result['environment'])}. {note}\n\n{table}{tail}\n"
+
+
+def main() -> None:
+    parts = [
+        section("Default run (`make bench`)", load("default_cpu.json"),
+                ["kind", "model", "site", "impl", "batch", "fwd_ms", "fwd_bwd_ms", "gflops", "params", "peak_mib",
+                 "time_x", "gflops_x", "error"],
+                "Each kind at its largest paper site, batch 8; peak memory of one training step at batch 8."),
+        section("RGA at the paper's four sites", load("rga_sites_cpu.json"),
+                ["kind", "site", "impl", "fwd_bwd_ms", "gflops", "params", "peak_mib"],
+                "Forward+backward at batch 8; FLOPs at batch 8; peak training-step memory at batch 32."),
+        section("ResNet-50 + RGA-SC (fused) vs plain ResNet-50, last stride 1, 256x128", load(
+            "network_resnet50_rga_sc_cpu.json"),
+            ["model", "batch", "fwd_bwd_ms", "samples_per_s", "gflops", "params", "memory_batch", "peak_mib",
+             "time_x", "memory_x", "params_x", "gflops_x"],
+            "Training step (forward+backward) at batch 8; memory at batch 32."),
+        section("PFSA and attention pyramids at their papers' sites", load("pyramid_sites_cpu.json"),
+                ["kind", "level", "site", "impl", "batch", "fwd_bwd_ms", "gflops", "peak_mib"],
+                "PFSA at batch 64, APNet at batch 8; peak memory at the timed batch."),
+        section("RGA-S at the layer1 site as the input grows", load("sweep_rga_s_cpu.json"),
+                ["input", "site", "impl", "batch", "fwd_bwd_ms", "peak_mib", "error"],
+                "Batch 16; 'out of memory' = the run did not fit the available memory (capped subprocess)."),
+        section("Inference folding (eval forward, RGA-SC)", load("inference_fold_cpu.json"),
+                ["site", "impl", "unfolded_ms", "folded_ms", "speedup"], ""),
+    ]
+    print("\n".join(p for p in parts if p))
+
+
+if __name__ == "__main__":
+    main()
