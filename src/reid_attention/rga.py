@@ -86,10 +86,14 @@ def _project(weight: Tensor, tokens: Tensor) -> Tensor:
     materialise it per sample (B x O x d) before reducing. One agent: a linear over the folded
     batch when the tokens are stored token-major (the channel axis of an NCHW map, the spatial
     axis of a channels_last one), else a 1x1 conv; neither copies the input. Several agents
-    (APNet-S stripes): einsum, which gathers the tokens once.
+    (APNet-S stripes): a grouped 1x1 conv, agent g being group g; the stripes' tokens are
+    gathered into one (B, G*d, n) tensor (one copy of the input) and the output already has the
+    (B, G*O, n) layout of the BatchNorm that follows.
     """
-    if tokens.shape[1] > 1:
-        return torch.einsum("goi,bgin->bgon", weight, tokens)
+    batch, groups, d, n = tokens.shape
+    if groups > 1:
+        kernel = weight.reshape(-1, d, 1)
+        return F.conv1d(tokens.reshape(batch, groups * d, n), kernel, groups=groups).view(batch, groups, -1, n)
     t = tokens[:, 0]
     if t.stride(1) == 1 and t.transpose(1, 2).is_contiguous():
         return F.linear(t.transpose(1, 2), weight[0]).transpose(1, 2).unsqueeze(1)

@@ -1,7 +1,7 @@
 """``reid-attention bench``: what attention costs, per layer, per network, per input size.
 
-    reid-attention bench                  # default, CPU-sized: every kind at its largest paper
-                                          # site (reference vs fused) + ResNet-50 network overhead
+    reid-attention bench                  # default, CPU-sized: every kind at one paper site
+                                          # (reference vs fused) + ResNet-50 network overhead
     reid-attention bench layers  [--kind rga_sc,pfsa] [--sites C:HxW,...|paper|first] [--compile]
     reid-attention bench network [--backbone resnet50] [--attention rga_sc]
     reid-attention bench sweep   [--kind rga_s] [--resolutions 128x64,...,512x256] [--plot FILE]
@@ -37,6 +37,11 @@ SWEEP_COLUMNS = ["kind", "input", "site", "impl", "batch", "fwd_bwd_ms", "peak_m
 HEADERS = {"fwd_ms": "fwd ms", "fwd_bwd_ms": "fwd+bwd ms", "fwd_bwd_iqr_ms": "IQR ms", "samples_per_s": "samples/s",
            "gflops": "GFLOP", "peak_mib": "peak MiB", "memory_batch": "mem batch", "time_x": "time x",
            "memory_x": "memory x", "params_x": "params x", "gflops_x": "FLOP x"}
+
+
+# The default run's site per family: RGA's and PFSA's largest paper site (layer1) and APNet's
+# layer3 (1024 x 24x12); APNet-S's reference at the 96x48 stem alone takes over a minute on 2 cores.
+DEFAULT_SITES = {"rga": (256, (64, 32)), "pfsa": (256, (96, 32)), "apnet": (1024, (24, 12))}
 
 
 def _family(kind: str) -> str:
@@ -118,9 +123,12 @@ def _common(args: argparse.Namespace) -> Dict[str, Any]:
 def _layer_jobs(args: argparse.Namespace):
     jobs = []
     for kind in _kinds(args.kind):
-        if args.sites in ("paper", "first"):
+        if args.sites == "paper":
             sites = PAPER_SITES[_family(kind)]
-            sites = sites[:1] if args.sites == "first" else sites
+        elif args.sites == "first":
+            sites = PAPER_SITES[_family(kind)][:1]
+        elif args.sites == "default":
+            sites = [DEFAULT_SITES[_family(kind)]]
         else:
             sites = parse_sites(args.sites)
         for channels, feat_size in sites:
@@ -230,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     layers = sub.add_parser("layers", help="every attention kind at its papers' sites, reference vs fused")
     layers.add_argument("--kind", default="all", help="comma-separated kinds or 'all'")
-    layers.add_argument("--sites", default="paper", help="'paper', 'first' or C:HxW,... (default: paper)")
+    layers.add_argument("--sites", default="paper",
+                        help="'paper', 'first', 'default' or C:HxW,... (default: paper)")
     layers.add_argument("--impl", type=lambda s: s.split(","), default=["reference", "fused"])
     layers.add_argument("--compile", action="store_true", help="torch.compile the layer first")
     _add_common(layers, batch=8, memory_batch=None)
@@ -273,8 +282,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.command == "sweep":
         records = _run_jobs(_sweep_jobs(args), args.quiet)
         return {"environment": env, "records": records, "tables": [(records, SWEEP_COLUMNS)]}
-    # default: the largest paper site of every kind, then the ResNet-50 + RGA-SC overhead
-    ns = dict(vars(args), kind="all", sites="first", impl=["reference", "fused"], compile=False)
+    # default: every kind at one paper site (DEFAULT_SITES), then the ResNet-50 + RGA-SC overhead
+    ns = dict(vars(args), kind="all", sites="default", impl=["reference", "fused"], compile=False)
     layer_records = _run_jobs(_layer_jobs(argparse.Namespace(**ns)), args.quiet)
     ns.update(backbone="resnet50", attention="rga_sc", input_size=(256, 128), last_stride=1, memory_batch=0,
               sites=["layer1", "layer2", "layer3", "layer4"])
