@@ -35,12 +35,21 @@ def section(title: str, result, columns, note: str = "") -> str:
     return f"#### {title}\n\n{machine(result['environment'])}. {note}\n\n{table}{tail}\n"
 
 
+def split(result, key):
+    """The records of a result that have ``key`` (the default run holds layer and network rows)."""
+    return None if result is None else dict(result, records=[r for r in result["records"] if key in r])
+
+
 def main() -> None:
+    default = load("default_cpu.json")
     parts = [
-        section("Default run (`make bench`)", load("default_cpu.json"),
-                ["kind", "model", "site", "impl", "batch", "fwd_ms", "fwd_bwd_ms", "gflops", "params", "peak_mib",
-                 "time_x", "gflops_x", "error"],
-                "Each kind at its largest paper site, batch 8; peak memory of one training step at batch 8."),
+        section("Default run (`make bench`): layers", split(default, "kind"),
+                ["kind", "site", "impl", "batch", "fwd_ms", "fwd_bwd_ms", "gflops", "params", "peak_mib", "error"],
+                "Each kind at one paper site (RGA and PFSA: layer1; APNet: layer3), batch 8; peak memory of one "
+                "training step at batch 8; 0.5 s of timed runs per row."),
+        section("Default run (`make bench`): network", split(default, "model"),
+                ["model", "batch", "fwd_bwd_ms", "gflops", "params", "time_x", "params_x", "gflops_x"],
+                "ResNet-50 (last stride 1, 256x128) with fused RGA-SC at layer1..4 vs plain, one training step."),
         section("RGA at the paper's four sites", load("rga_sites_cpu.json"),
                 ["kind", "site", "impl", "fwd_bwd_ms", "gflops", "params", "peak_mib"],
                 "Forward+backward at batch 8; FLOPs at batch 8; peak training-step memory at batch 32."),
