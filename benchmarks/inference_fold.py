@@ -11,7 +11,6 @@ folded module's time, their ratio, and the largest output difference between the
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -19,7 +18,7 @@ import torch
 
 import reid_attention as ra
 from reid_attention.bench.measure import time_callable
-from reid_attention.bench.report import environment, format_records
+from reid_attention.bench.report import environment, publish
 from reid_attention.bench.suites import PAPER_SITES
 
 COLUMNS = ["site", "impl", "unfolded_ms", "folded_ms", "speedup", "max_abs_diff"]
@@ -79,12 +78,9 @@ def main(argv=None) -> int:
             )
     env = environment(args.device, args.threads)
     env.update(batch=args.batch, mode="eval forward, torch.no_grad", kind="rga_sc")
-    print(format_records(records, COLUMNS, "table", headers=HEADERS))
-    out = args.out or RESULTS / f"inference_fold_{args.device.split(':')[0]}.json"
-    if not args.quick or args.out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"environment": env, "records": records}, indent=2) + "\n")
-        print(f"wrote {out}", file=sys.stderr)
+    publish({"environment": env, "records": records}, COLUMNS,
+            RESULTS / f"inference_fold_{args.device.split(':')[0]}.json", headers=HEADERS, out=args.out,
+            write=not args.quick)
     return 0
 
 

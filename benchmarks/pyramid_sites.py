@@ -21,7 +21,6 @@ max_memory_allocated). The summary reports the speed-up targets (measured, not a
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 from typing import Any, Dict, List, Optional
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from reid_attention import APNetS, ParameterFreeSpatialAttention, create_attention
-from reid_attention.bench.report import environment, format_records
+from reid_attention.bench.report import environment, publish
 from reid_attention.bench.suites import PAPER_SITES, layer_spec, measure
 from reid_attention.pyramid import stripe_loop
 
@@ -198,13 +197,8 @@ def main(argv=None) -> int:
     env = environment(args.device, args.threads)
     env.update(batch=args.batch, pfsa_batch=args.pfsa_batch, memory_batch=args.memory_batch)
     result = {"environment": env, "summary": summary(records), "records": records}
-    print(format_records(records, COLUMNS, "table", headers=HEADERS))
-    print(json.dumps(result["summary"], indent=2))
-    out = args.out or RESULTS / f"pyramid_sites_{args.device.split(':')[0]}.json"
-    if not args.quick or args.out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}", file=sys.stderr)
+    publish(result, COLUMNS, RESULTS / f"pyramid_sites_{args.device.split(':')[0]}.json", headers=HEADERS,
+            out=args.out, write=not args.quick)
     return 0
 
 

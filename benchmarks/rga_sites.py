@@ -11,13 +11,12 @@ that batch, parameters, and the peak memory of one training step at ``--memory-b
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
 import torch
 
-from reid_attention.bench.report import environment, format_records
+from reid_attention.bench.report import environment, publish
 from reid_attention.bench.suites import PAPER_SITES, layer_spec, measure_layer
 
 COLUMNS = ["kind", "site", "impl", "fwd_bwd_ms", "gflops", "params", "peak_mib", "error"]
@@ -70,13 +69,8 @@ def main(argv=None) -> int:
     env = environment(args.device, args.threads)
     env.update(batch=args.batch, memory_batch=args.memory_batch)
     result = {"environment": env, "summary": summary(records), "records": records}
-    print(format_records(records, COLUMNS, "table", headers=HEADERS))
-    print(json.dumps(result["summary"], indent=2))
-    out = args.out or RESULTS / f"rga_sites_{args.device.split(':')[0]}.json"
-    if not args.quick or args.out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}", file=sys.stderr)
+    publish(result, COLUMNS, RESULTS / f"rga_sites_{args.device.split(':')[0]}.json", headers=HEADERS,
+            out=args.out, write=not args.quick)
     return 0
 
 

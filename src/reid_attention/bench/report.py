@@ -7,12 +7,14 @@ import datetime
 import io
 import json
 import os
+import pathlib
 import platform
+import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["environment", "format_records", "FORMATS"]
+__all__ = ["environment", "format_records", "publish", "FORMATS"]
 
 FORMATS = ("table", "markdown", "csv", "json")
 
@@ -86,3 +88,24 @@ def format_records(
         for row in rows
     ]
     return "\n".join([line, "-" * len(line), *body])
+
+
+def publish(
+    result: Dict[str, Any],
+    columns: Sequence[str],
+    default_path: pathlib.Path,
+    *,
+    headers: Optional[Dict[str, str]] = None,
+    out: Optional[pathlib.Path] = None,
+    write: bool = True,
+) -> None:
+    """Print a benchmark script's table (and summary, if any); write the JSON to ``out`` or
+    ``default_path`` unless ``write`` is false and no ``out`` was given (smoke runs)."""
+    print(format_records(result["records"], columns, "table", headers=headers))
+    if "summary" in result:
+        print(json.dumps(result["summary"], indent=2))
+    if write or out:
+        path = out or default_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
