@@ -92,8 +92,8 @@ def _project(weight: Tensor, tokens: Tensor) -> Tensor:
     """
     batch, groups, d, n = tokens.shape
     if groups > 1:
-        kernel = weight.reshape(-1, d, 1)
-        return F.conv1d(tokens.reshape(batch, groups * d, n), kernel, groups=groups).view(batch, groups, -1, n)
+        out = F.conv1d(tokens.reshape(batch, groups * d, n), weight.reshape(-1, d, 1), groups=groups)
+        return out.view(batch, groups, weight.shape[1], n)
     t = tokens[:, 0]
     if t.stride(1) == 1 and t.transpose(1, 2).is_contiguous():
         return F.linear(t.transpose(1, 2), weight[0]).transpose(1, 2).unsqueeze(1)
