@@ -4,6 +4,9 @@ PFSA at layer1..3 of a 384x128 ResNet-50 (256x96x32, 512x48x16, 1024x24x8), batc
   pfsa        forward ``x * a``: fused vs reference (vmapped per-sample normalisation) and vs
               ``loop`` = the official layer's Python loop over the batch, dividing each map in place
   pfsa_pool   ``.pool(x)`` (fused) vs ``mul_mean`` = ``(x * a).mean((2, 3))`` (fused layer + mean)
+  pfsa bound  ``x * a`` with a fixed, precomputed map: the memory passes any implementation of the
+              layer must make (read x, write the output; read the gradient, write x's gradient),
+              so ``loop / bound`` is the largest speed-up over the loop this machine allows
 APNet-C and APNet-S at the APNet sites (384x192 input, last stride 1: stem 64x96x48, layer1
 256x96x48, layer2 512x48x24, layer3 1024x24x12, layer4 2048x24x12), levels 2 and 3, batch 8:
   apnet_c     fused vs reference
@@ -16,11 +19,18 @@ max_memory_allocated). The summary reports the speed-up targets (measured, not a
     python benchmarks/pyramid_sites.py                 # CPU -> results/pyramid_sites_cpu.json
     python benchmarks/pyramid_sites.py --only apnet_s --device cuda
     python benchmarks/pyramid_sites.py --quick         # smoke run: one small site, batch 2
+    python benchmarks/pyramid_sites.py --only apnet_s --impl fused loop --malloc retain
+                                                       # -> results/pyramid_sites_cpu_retain.json
+
+``--malloc retain`` times with freed memory kept for reuse (see
+:func:`reid_attention.bench.measure.set_malloc`): glibc's default maps every block above 32 MiB
+afresh, and the page faults that costs favour code that allocates smaller tensors.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 from typing import Any, Dict, List, Optional
@@ -29,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from reid_attention import APNetS, ParameterFreeSpatialAttention, create_attention
+from reid_attention.bench.measure import MALLOC_MODES, set_malloc
 from reid_attention.bench.report import environment, publish
 from reid_attention.bench.suites import PAPER_SITES, layer_spec, measure
 from reid_attention.pyramid import stripe_loop
@@ -61,6 +72,20 @@ class PfsaLoop(nn.Module):
         return x * m.view(x.shape[0], 1, *x.shape[2:])
 
 
+class PfsaBound(nn.Module):
+    """``x * a`` with a constant map a (no gradient): the memory traffic floor of the layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a: Optional[Tensor] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (x.shape[0], 1, *x.shape[2:])
+        if self.a is None or self.a.shape != shape:
+            self.a = torch.full(shape, 1.0 / (shape[2] * shape[3]), dtype=x.dtype, device=x.device)
+        return x * self.a
+
+
 class PfsaPool(nn.Module):
     """The same pooling as one fused operation (a sum, i.e. H*W times the mean above)."""
 
@@ -89,6 +114,8 @@ def variant(name: str, channels: int, feat_size, impl: str, **kw: Any) -> nn.Mod
     """Factory of every benchmarked module (a registry layer or one of the comparisons above)."""
     if (name, impl) == ("pfsa", "loop"):
         return PfsaLoop()
+    if (name, impl) == ("pfsa", "bound"):
+        return PfsaBound()
     if (name, impl) == ("pfsa_pool", "fused"):
         return PfsaPool()
     if (name, impl) == ("pfsa_pool", "mul_mean"):
@@ -107,6 +134,9 @@ def jobs(args) -> List[Dict[str, Any]]:
         levels = (2,)
     rows = []
 
+    def wanted(*impls):
+        return [i for i in impls if args.impl is None or i in args.impl]
+
     def add(kind, impl, channels, feat_size, batch, level=None):
         kw = {} if level is None else {"levels": level}
         spec = layer_spec(kind, channels, feat_size, batch=batch, impl=impl, device=args.device,
@@ -116,15 +146,15 @@ def jobs(args) -> List[Dict[str, Any]]:
 
     if "pfsa" in args.only:
         for c, fs in pfsa_sites:
-            for impl in ("loop", "reference", "fused"):
+            for impl in wanted("loop", "reference", "fused", "bound"):
                 add("pfsa", impl, c, fs, args.pfsa_batch)
-            for impl in ("mul_mean", "fused"):
+            for impl in wanted("mul_mean", "fused"):
                 add("pfsa_pool", impl, c, fs, args.pfsa_batch)
     for kind, impls in (("apnet_c", ("reference", "fused")), ("apnet_s", ("reference", "fused", "loop"))):
         if kind in args.only:
             for level in levels:
                 for c, fs in apnet_sites:
-                    for impl in impls:
+                    for impl in wanted(*impls):
                         add(kind, impl, c, fs, args.batch, level)
     return rows
 
@@ -163,6 +193,7 @@ def summary(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     check("pfsa_fused_vs_per_sample_loop", "pfsa", "loop", "fused", 10.0)
     check("pfsa_fused_vs_reference", "pfsa", "reference", "fused", None)
+    check("pfsa_loop_vs_bound", "pfsa", "loop", "bound", None)
     check("pfsa_pool_vs_mul_mean", "pfsa_pool", "mul_mean", "fused", 2.0)
     for level in (2, 3):
         check(f"apnet_c_level{level}_fused_vs_reference", "apnet_c", "reference", "fused", 1.0, level)
@@ -181,24 +212,46 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-run-time", type=float, default=1.0)
     p.add_argument("--only", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--impl", nargs="+", default=None, help="only these impls (default: all of each kind)")
+    p.add_argument("--malloc", default="system", choices=MALLOC_MODES, help="CPU allocation while timing")
     p.add_argument("--quick", action="store_true", help="smoke run: one small site, level 2, batch 2")
     p.add_argument("--out", type=pathlib.Path, default=None)
+    p.add_argument("--merge", action="store_true",
+                   help="replace only the measured rows in the existing result file, keep the others")
     args = p.parse_args(argv)
     if args.quick:
         args.batch = args.pfsa_batch = args.memory_batch = 2
         args.min_run_time = 0.05
 
     torch.set_num_threads(args.threads)
+    set_malloc(args.malloc)
     records = []
     todo = jobs(args)
     for n, (label, spec) in enumerate(todo, 1):
         print(f"[{n}/{len(todo)}] {label}", file=sys.stderr, flush=True)
         records.append(measure(spec, label, memory_batch=args.memory_batch, min_run_time=args.min_run_time))
-    env = environment(args.device, args.threads)
+    env = environment(args.device, args.threads, args.malloc)
     env.update(batch=args.batch, pfsa_batch=args.pfsa_batch, memory_batch=args.memory_batch)
+    suffix = "" if args.malloc == "system" else f"_{args.malloc}"
+    path = args.out or RESULTS / f"pyramid_sites_{args.device.split(':')[0]}{suffix}.json"
+    if args.merge and path.exists():
+        new = {_key(r) for r in records}
+        records = [r for r in json.loads(path.read_text())["records"] if _key(r) not in new] + records
+        records.sort(key=_order)
     result = {"environment": env, "summary": summary(records), "records": records}
-    publish(result, COLUMNS, RESULTS / f"pyramid_sites_{args.device.split(':')[0]}.json", headers=HEADERS,
-            out=args.out, write=not args.quick)
+    publish(result, COLUMNS, path, headers=HEADERS, write=not args.quick or args.out is not None)
+
+
+def _key(record: Dict[str, Any]) -> tuple:
+    return record["kind"], record["level"], record["site"], record["impl"]
+
+
+def _order(record: Dict[str, Any]) -> tuple:
+    """Result-file order: kind, level, site in network order, then impl."""
+    kinds = ("pfsa", "pfsa_pool", "apnet_c", "apnet_s")
+    impls = ("loop", "reference", "fused", "bound", "mul_mean")
+    return (kinds.index(record["kind"]), record["level"] or 0, int(record["site"].split(":")[0]),
+            impls.index(record["impl"]) if record["impl"] in impls else len(impls))
     return 0
 
 

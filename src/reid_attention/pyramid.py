@@ -326,10 +326,10 @@ class APNetS(ImplSwitch, nn.Module):
       G agents with stacked weights; the logits (B, G, h*W) are the (B, 1, H, W) gate by a view.
       Copies (measured with the profiler): level 1 (G = 1) makes none, in NCHW or channels_last.
       For G > 1 the (batch, stripe) dims of the token view cannot share one GEMM batch stride,
-      so the stripes' projections run as one grouped 1x1 conv over the tokens gathered into
-      (B, G*C, h*W) (one copy of x per level, in either layout); a broadcast torch.matmul would
-      instead copy the stacked weights once per sample (at layer4, B = 64, G = 2: 0.8 GB). The
-      output keeps x's memory format.
+      so the stripes' projections run as one GEMM per stripe, batched over the stripes, on the
+      tokens gathered into (G, C, B*h*W) (one copy of x per level, in either layout); a broadcast
+      torch.matmul would instead copy the stacked weights once per sample (at layer4, B = 64,
+      G = 2: 0.8 GB). The output keeps x's memory format.
     """
 
     def __init__(

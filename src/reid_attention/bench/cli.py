@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from ..registry import list_attentions
+from .measure import MALLOC_MODES, set_malloc
 from .report import FORMATS, environment, format_records
 from .suites import PAPER_SITES, layer_spec, measure, measure_layer, network_spec
 
@@ -225,6 +226,9 @@ def _add_common(p: argparse.ArgumentParser, batch: int, memory_batch: Optional[i
                    help="batch of the peak-memory probe (default: the timed batch; 0 = skip)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--malloc", default="system", choices=MALLOC_MODES,
+                   help="CPU allocation while timing: glibc's defaults (system) or retain freed memory for "
+                        "reuse, like a caching allocator (retain; Linux/glibc). Default system")
     p.add_argument("--repeat", dest="min_run_time", type=float, default=0.5,
                    help="seconds of timed runs per row (blocked autorange; default 0.5)")
     p.add_argument("--format", default="table", choices=FORMATS)
@@ -270,7 +274,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Run a parsed command; returns {"environment": ..., "records": [...]} (and tables)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = environment(args.device, args.threads)
+    set_malloc(args.malloc)
+    env = environment(args.device, args.threads, args.malloc)
     env.update(command=args.command, batch=args.batch, dtype=args.dtype, channels_last=args.channels_last)
     if args.command == "layers":
         records = _run_jobs(_layer_jobs(args), args.quiet)

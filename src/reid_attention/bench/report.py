@@ -30,8 +30,8 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: str = "cpu", threads: Optional[int] = None) -> Dict[str, Any]:
-    """Where and when a measurement was taken."""
+def environment(device: str = "cpu", threads: Optional[int] = None, malloc: str = "system") -> Dict[str, Any]:
+    """Where and when a measurement was taken (``malloc``: see :func:`..measure.set_malloc`)."""
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
     return {
@@ -42,6 +42,7 @@ def environment(device: str = "cpu", threads: Optional[int] = None) -> Dict[str,
         "threads": threads or torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
+        "malloc": malloc,
     }
 
 
