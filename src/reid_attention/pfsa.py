@@ -20,7 +20,8 @@ Two paths compute the same function:
   the batch stays dynamic under torch.export), then ``x * a`` (and ``(x * a).sum`` for
   pooling), all autograd.
 * ``fused`` normalises every map in one batched operation, pools with one batched
-  matrix-vector product over x in its memory order (no (B, C, H, W) temporary), and has a
+  vector-matrix product over a view of x (either memory format, no (B, C, H, W) temporary),
+  and has a
   hand-written backward: autograd would return the gradient of ``x * a`` (or of the pooling) and
   that of the channel mean as two full-size tensors and add them; here both terms,
   ``g * a + (dL/dm) / C``, are written in one pass. It supports first-order gradients only
@@ -79,8 +80,9 @@ def _token_major(x: Tensor) -> bool:
 
 
 def _tokens(x: Tensor) -> Tensor:
-    """x (B, C, H, W) as (B, H*W, C)."""
+    """x (B, C, H, W) as (B, H*W, C): a view for NCHW and channels_last storage alike."""
     return x.permute(0, 2, 3, 1).flatten(1, 2)
+
 
 
 class _FusedPFSA(torch.autograd.Function):
@@ -97,9 +99,9 @@ class _FusedPFSA(torch.autograd.Function):
         a_x = a.to(x.dtype)
         if not pool:
             return x * a_x.view(b, 1, *x.shape[2:])
-        if _token_major(x):  # (B, 1, N) @ (B, N, C)
-            return torch.bmm(a_x.unsqueeze(1), _tokens(x)).squeeze(1)
-        return torch.bmm(x.flatten(2), a_x.unsqueeze(2)).squeeze(2)  # (B, C, N) @ (B, N, 1)
+        # (B, 1, N) @ (B, N, C): with the vector on the left the GEMV runs ~4x faster on the CPU
+        # than (B, C, N) @ (B, N, 1), in either memory format.
+        return torch.bmm(a_x.unsqueeze(1), _tokens(x)).squeeze(1)
 
     @staticmethod
     @once_differentiable
@@ -110,10 +112,8 @@ class _FusedPFSA(torch.autograd.Function):
             a_x = a.to(x.dtype)
             if not ctx.pool:  # dL/da_p = sum_c g_cp x_cp
                 grad_a = (grad * x).sum(1, dtype=a.dtype).flatten(1)
-            elif _token_major(x):
-                grad_a = torch.bmm(_tokens(x), grad.unsqueeze(2)).squeeze(2)
-            else:
-                grad_a = torch.bmm(grad.unsqueeze(1), x.flatten(2)).squeeze(1)
+            else:  # (B, 1, C) @ (B, C, N), the vector again on the left
+                grad_a = torch.bmm(grad.unsqueeze(1), _tokens(x).transpose(1, 2)).squeeze(1)
             grad_m = _normalise_backward(grad_a.to(a.dtype), a, total, ctx.normalize, ctx.eps)
             grad_m = (grad_m / c).to(x.dtype)
             # dL/dx = g * a + dL/dm / C, in one pass.
