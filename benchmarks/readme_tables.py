@@ -22,7 +22,8 @@ def load(name: str):
 
 
 def machine(env) -> str:
-    return (f"{env['date']}, {env['device_name']}, {env['threads']} threads, torch {env['torch']}")
+    malloc = f", malloc {env['malloc']}" if "malloc" in env else ""
+    return f"{env['date']}, {env['device_name']}, {env['threads']} threads, torch {env['torch']}{malloc}"
 
 
 def section(title: str, result, columns, note: str = "") -> str:
@@ -61,6 +62,11 @@ def main() -> None:
         section("PFSA and attention pyramids at their papers' sites", load("pyramid_sites_cpu.json"),
                 ["kind", "level", "site", "impl", "batch", "fwd_bwd_ms", "gflops", "peak_mib"],
                 "PFSA at batch 64, APNet at batch 8; peak memory at the timed batch."),
+        section("The same comparisons with freed memory retained (`--malloc retain`)",
+                load("pyramid_sites_cpu_retain.json"),
+                ["kind", "level", "site", "impl", "batch", "fwd_bwd_ms", "gflops", "peak_mib"],
+                "PFSA (all rows) and APNet-S (fused vs loop) timed with glibc told to reuse freed memory "
+                "instead of mapping each large block afresh."),
         section("RGA-S at the layer1 site as the input grows", load("sweep_rga_s_cpu.json"),
                 ["input", "site", "impl", "batch", "fwd_bwd_ms", "peak_mib", "error"],
                 "Batch 16; 'out of memory' = the run did not fit the available memory (capped subprocess)."),
