@@ -240,6 +240,7 @@ def main(argv=None) -> int:
         records.sort(key=_order)
     result = {"environment": env, "summary": summary(records), "records": records}
     publish(result, COLUMNS, path, headers=HEADERS, write=not args.quick or args.out is not None)
+    return 0
 
 
 def _key(record: Dict[str, Any]) -> tuple:
@@ -252,7 +253,6 @@ def _order(record: Dict[str, Any]) -> tuple:
     impls = ("loop", "reference", "fused", "bound", "mul_mean")
     return (kinds.index(record["kind"]), record["level"] or 0, int(record["site"].split(":")[0]),
             impls.index(record["impl"]) if record["impl"] in impls else len(impls))
-    return 0
 
 
 if __name__ == "__main__":

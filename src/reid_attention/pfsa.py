@@ -21,9 +21,8 @@ Two paths compute the same function:
   pooling), all autograd.
 * ``fused`` normalises every map in one batched operation, pools with one batched
   vector-matrix product over a view of x (either memory format, no (B, C, H, W) temporary),
-  and has a
-  hand-written backward: autograd would return the gradient of ``x * a`` (or of the pooling) and
-  that of the channel mean as two full-size tensors and add them; here both terms,
+  and has a hand-written backward: autograd would return the gradient of ``x * a`` (or of the
+  pooling) and that of the channel mean as two full-size tensors and add them; here both terms,
   ``g * a + (dL/dm) / C``, are written in one pass. It supports first-order gradients only
   (double backward raises).
 
@@ -82,7 +81,6 @@ def _token_major(x: Tensor) -> bool:
 def _tokens(x: Tensor) -> Tensor:
     """x (B, C, H, W) as (B, H*W, C): a view for NCHW and channels_last storage alike."""
     return x.permute(0, 2, 3, 1).flatten(1, 2)
-
 
 
 class _FusedPFSA(torch.autograd.Function):

@@ -64,14 +64,14 @@ def set_malloc(mode: str) -> None:
 
     ``"system"`` leaves glibc's defaults. ``"retain"`` tells glibc (Linux only) never to serve a
     block by its own mmap and never to hand freed heap memory back to the OS, so freed tensors'
-    pages are (mostly: an aligned block can miss a hole by its slack) reused by the next ones, as
-    PyTorch's CUDA caching allocator (and, roughly, jemalloc or tcmalloc on the CPU) does. By default glibc maps every block above its dynamic threshold
-    (at most 32 MiB) afresh and unmaps it when freed, so each such tensor pays one page fault per
-    4 KiB page on first touch: on the project's CPU machine a 200 MB ``clone`` takes ~60 ms that
-    way and ~9 ms with retained memory. That cost depends on tensor sizes relative to the
-    threshold, not on the algorithm: a loop over halves of a map can stay under it while the
-    batched whole-map path goes over. Peak-memory probes run in their own subprocess and are
-    not affected.
+    pages are (mostly: an aligned block can miss a hole by its slack) reused by the next ones,
+    as PyTorch's CUDA caching allocator (and, roughly, jemalloc or tcmalloc on the CPU) does. By
+    default glibc maps every block above its dynamic threshold (at most 32 MiB) afresh and
+    unmaps it when freed, so each such tensor pays one page fault per 4 KiB page on first touch:
+    on the project's CPU machine a 200 MB ``clone`` takes ~60 ms that way and ~9 ms with
+    retained memory. That cost depends on tensor sizes relative to the threshold, not on the
+    algorithm: a loop over halves of a map can stay under it while the batched whole-map path
+    goes over. Peak-memory probes run in their own subprocess and are not affected.
     """
     if mode not in MALLOC_MODES:
         raise ValueError(f"malloc must be one of {MALLOC_MODES}, got {mode!r}")
