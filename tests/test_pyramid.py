@@ -404,8 +404,10 @@ def test_validation_errors():
         ra.APNetS(8, (7, 4))
     with pytest.raises(ValueError, match=r"APNetS built for feat_size \(8, 4\), got input 4x8"):
         ra.APNetS(8, (8, 4), **RGA_KW)(torch.randn(2, 8, 4, 8))
-    with pytest.raises(ValueError, match="feat_size must be an int or a pair"):
+    with pytest.raises(ValueError, match=r"feat_size must be a pair \(H, W\)"):
         ra.APNetS(8, (8, 4, 2))
+    with pytest.raises(TypeError, match="as the map's \(H, W\) pair, got the int 8"):
+        ra.APNetS(8, 8)
     with pytest.raises(ValueError, match="depends on the map size"):
         ra.create_attention("apnet_s", 8)
     with pytest.raises(TypeError, match="floating-point input"):

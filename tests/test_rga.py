@@ -237,11 +237,11 @@ def test_input_validation(x, error, match):
 @pytest.mark.parametrize(
     "args,kwargs,error,match",
     [
-        ((64, (4, 4)), {}, ValueError, "ratios leave zero channels"),
-        ((4, (16, 8)), {"channel": False}, ValueError, r"channels // channel_ratio = 4 // 8"),
-        ((32, (16, 8)), {}, ValueError, r"\(1 \+ channels // channel_ratio\) // down_ratio = 5 // 8"),
-        ((64, (16, 8)), {"down_ratio": 100}, ValueError, "down_ratio"),
-        ((32, (16, 8, 2)), {}, ValueError, "feat_size must be an int or a pair"),
+        ((64, (16, 8)), {"down_ratio": 0}, ValueError, "down_ratio must be >= 1"),
+        ((64, (16, 8)), {"min_width": 0}, ValueError, "min_width must be >= 1"),
+        ((64, (16, 8)), {"spatial_ratio": 2.5}, TypeError, "spatial_ratio must be an int"),
+        ((32, (16, 8, 2)), {}, ValueError, r"feat_size must be a pair \(H, W\)"),
+        ((32, 128), {}, TypeError, r"official RGA_Module\(in_channel, in_spatial\) takes H\*W"),
         ((32, (16, 0)), {}, ValueError, r"feat_size\[1\] must be >= 1"),
         ((32, (16.0, 8)), {}, TypeError, "feat_size"),
         ((0, (16, 8)), {}, ValueError, "channels must be >= 1"),
@@ -252,10 +252,6 @@ def test_input_validation(x, error, match):
 def test_construction_validation(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         ra.RGA(*args, **kwargs)
-
-
-def test_square_int_feat_size():
-    assert ra.RGA(64, 12).feat_size == (12, 12)
 
 
 def test_registry():

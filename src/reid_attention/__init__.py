@@ -4,6 +4,8 @@ Layers: :class:`RGA` (RGA-S / RGA-C / RGA-SC), :class:`ParameterFreeSpatialAtten
 :class:`APNetC` and :class:`APNetS`, each with a ``reference`` and a ``fused`` path.
 """
 
+from importlib import metadata as _metadata
+
 from .registry import create_attention, list_attentions, register_attention
 from .inference import fuse_for_inference
 from .pfsa import ParameterFreeSpatialAttention
@@ -27,4 +29,7 @@ __all__ = [
     "register_attention",
     "set_last_stride",
 ]
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("reid-attention")
+except _metadata.PackageNotFoundError:  # run from a source tree without installing
+    __version__ = "0+unknown"

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 SizeLike = Union[int, Sequence[int]]
 IMPLS = ("reference", "fused")
+# Set by insert_attention on every module it inserts: the name of the site it follows.
+SITE_ATTR = "_reid_attention_site"
 
 
 def check_impl(impl: object) -> str:
@@ -41,14 +43,36 @@ def check_positive_int(name: str, value: object) -> int:
     return value
 
 
-def pair(name: str, size: SizeLike) -> Tuple[int, int]:
-    """``feat_size`` as (H, W): an int means a square map."""
-    if isinstance(size, (int,)) and not isinstance(size, bool):
+def pair(name: str, size: SizeLike, *, square_int: bool = True) -> Tuple[int, int]:
+    """A size as (H, W); with ``square_int`` an int means a square (image sizes)."""
+    if square_int and isinstance(size, int) and not isinstance(size, bool):
         size = (size, size)
     if not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2:
-        raise ValueError(f"{name} must be an int or a pair (H, W), got {size!r}")
+        expected = "an int or a pair (H, W)" if square_int else "a pair (H, W)"
+        raise ValueError(f"{name} must be {expected}, got {size!r}")
     h, w = size
     return check_positive_int(f"{name}[0]", h), check_positive_int(f"{name}[1]", w)
+
+
+def feat_pair(owner: str, size: object) -> Tuple[int, int]:
+    """The ``feat_size`` of a size-tied layer: an (H, W) pair only.
+
+    An int is refused: the official ``RGA_Module(in_channel, in_spatial)`` takes H*W there, and
+    reading it as a square side would build weights for a (H*W)^2 map.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        raise TypeError(
+            f"{owner} takes feat_size as the map's (H, W) pair, got the int {size}; the official "
+            f"RGA_Module(in_channel, in_spatial) takes H*W there: pass e.g. (64, 32) for a 64x32 map"
+        )
+    return pair("feat_size", size, square_int=False)
+
+
+def where(module: object) -> str:
+    """``"RGA"``, or ``"RGA at site 'layer1'"`` for a module that insert_attention placed."""
+    site = getattr(module, SITE_ATTR, None)
+    name = type(module).__name__
+    return f"{name} at site {site!r}" if site else name
 
 
 def check_input(
@@ -64,8 +88,11 @@ def check_input(
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{owner} built for {channels} channels, got input with {x.shape[1]}")
     if feat_size is not None and tuple(x.shape[2:]) != feat_size:
+        h, w = x.shape[2:]
         raise ValueError(
-            f"{owner} built for feat_size {feat_size}, got input {x.shape[2]}x{x.shape[3]}"
+            f"{owner} built for feat_size {feat_size}, got input {h}x{w}; build the model for this "
+            f"input size (input_size=...), or resize the layer: .resized(({h}, {w})) on the module, "
+            "ra.resize_attention(model, input_size) on a wrapped model or preset"
         )
     return x
 
@@ -85,9 +112,14 @@ def no_autocast(x: Tensor):
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
-def cbr(inp: int, out: int) -> nn.Sequential:
-    """1x1 conv without bias, BatchNorm, ReLU: the official modules' building block."""
-    return nn.Sequential(nn.Conv2d(inp, out, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU())
+def cbr(inp: int, out: int, **factory) -> nn.Sequential:
+    """1x1 conv without bias, BatchNorm, ReLU: the official modules' building block.
+
+    ``factory``: torch's ``device=`` / ``dtype=`` keywords for the new tensors.
+    """
+    return nn.Sequential(
+        nn.Conv2d(inp, out, 1, bias=False, **factory), nn.BatchNorm2d(out, **factory), nn.ReLU()
+    )
 
 
 def conv_weight(convs: Sequence[nn.Conv2d], dtype: torch.dtype) -> Tensor:

@@ -24,6 +24,7 @@ built for the stripe's size, and A_l(x) = x * [sigmoid(RGA-S_1 logits); ...] sta
 
 from __future__ import annotations
 
+import copy
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -32,18 +33,23 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ._common import (
-    SizeLike,
     batch_norm,
     ImplSwitch,
     check_input,
     check_positive_int,
     compute_dtype,
+    feat_pair,
     no_autocast,
-    pair,
+    where,
 )
 from .rga import RGA, _gate, relation_logits_fused
 
 __all__ = ["APNetC", "APNetS"]
+
+
+def max_levels(size: int) -> int:
+    """The most pyramid levels a side of ``size`` allows: 1 + the power of two in ``size``."""
+    return (size & -size).bit_length()
 
 
 def _check_levels(owner: str, levels: int, what: str, size: int) -> int:
@@ -51,9 +57,10 @@ def _check_levels(owner: str, levels: int, what: str, size: int) -> int:
     check_positive_int("levels", levels)
     parts = 2 ** (levels - 1)
     if size % parts:
+        most = max_levels(size)
         raise ValueError(
             f"{owner} level {levels} splits {what} into {parts} parts: {what} = {size} is not "
-            f"divisible by {parts}; use fewer levels"
+            f"divisible by {parts}; levels 1..{most} work at this size (pass levels={most} or fewer)"
         )
     return levels
 
@@ -67,12 +74,12 @@ def _linear(x: Tensor, layer: nn.Module, dtype: torch.dtype) -> Tensor:
 class SqueezeExcite(nn.Module):
     """Level 1 of APNet-C: gate = sigmoid(W2 relu(W1 GAP(x))), bias-free (official SELayer)."""
 
-    def __init__(self, channels: int, hidden: int) -> None:
+    def __init__(self, channels: int, hidden: int, **factory) -> None:
         super().__init__()
         self.fc = nn.Sequential(
-            nn.Linear(channels, hidden, bias=False),
+            nn.Linear(channels, hidden, bias=False, **factory),
             nn.ReLU(),
-            nn.Linear(hidden, channels, bias=False),
+            nn.Linear(hidden, channels, bias=False, **factory),
             nn.Sigmoid(),
         )
 
@@ -93,14 +100,14 @@ class SplitAttention(nn.Module):
     follows it (official ``BN{k}.bottleneck2``; its bias is frozen).
     """
 
-    def __init__(self, channels: int, groups: int, reduction: int, min_width: int) -> None:
+    def __init__(self, channels: int, groups: int, reduction: int, min_width: int, **factory) -> None:
         super().__init__()
         self.groups = groups
         width = max(channels * groups // reduction, min_width)
-        self.fc1 = nn.Conv2d(channels // groups, width, 1)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.fc2 = nn.Conv2d(width, channels, 1)
-        self.norm = nn.BatchNorm2d(channels)
+        self.fc1 = nn.Conv2d(channels // groups, width, 1, **factory)
+        self.bn1 = nn.BatchNorm2d(width, **factory)
+        self.fc2 = nn.Conv2d(width, channels, 1, **factory)
+        self.norm = nn.BatchNorm2d(channels, **factory)
         self.norm.bias.requires_grad_(False)
 
     def gate(self, pooled: Tensor) -> Tensor:
@@ -191,6 +198,7 @@ class APNetC(ImplSwitch, nn.Module):
         split_reduction, split_min_width: split-attention hidden width
             ``max(C * r // split_reduction, split_min_width)`` (official 4 and 32).
         impl: ``"fused"`` (default) or ``"reference"``; settable on a built module.
+        device, dtype: torch's factory keywords (so timm's ``attn_layer=APNetC`` works).
 
     Level 3+: the official code builds every split level with r = ``levels`` groups, which at
     level 3 cannot divide the channels (64 / 3), so it does not run; as in the paper's figure
@@ -229,6 +237,8 @@ class APNetC(ImplSwitch, nn.Module):
         split_reduction: int = 4,
         split_min_width: int = 32,
         impl: str = "fused",
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         self.channels = check_positive_int("channels", channels)
@@ -236,15 +246,16 @@ class APNetC(ImplSwitch, nn.Module):
         for name, value in (("se_hidden", se_hidden), ("split_reduction", split_reduction),
                             ("split_min_width", split_min_width)):
             check_positive_int(name, value)
-        self.se = SqueezeExcite(channels, se_hidden)
+        factory = dict(device=device, dtype=dtype)
+        self.se = SqueezeExcite(channels, se_hidden, **factory)
         self.split = nn.ModuleList(
-            SplitAttention(channels, 2 ** (level - 1), split_reduction, split_min_width)
+            SplitAttention(channels, 2 ** (level - 1), split_reduction, split_min_width, **factory)
             for level in range(2, levels + 1)
         )
         self.impl = impl
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, "APNetC", self.channels)
+        check_input(x, where(self), self.channels)
         if self.training and len(self.split) and x.shape[0] == 1:
             raise ValueError(
                 "APNetC with levels >= 2 needs a batch of at least 2 in training mode: its split "
@@ -309,9 +320,11 @@ class APNetS(ImplSwitch, nn.Module):
 
     Args:
         channels: C of the input.
-        feat_size: (H, W) of the input; H must be divisible by 2^(levels-1).
+        feat_size: (H, W) of the input, a pair; H must be divisible by 2^(levels-1).
         levels: pyramid height (default 2).
+        min_width: floor of the agents' inner widths (see :class:`RGA`), so any stripe size builds.
         impl: ``"fused"`` (default) or ``"reference"``; settable, and passed on to the agents.
+        device, dtype: torch's factory keywords.
         **rga_kw: channel_ratio, spatial_ratio, down_ratio of the agents (see :class:`RGA`).
 
     State dict: ``levels.{l-1}.{stripe}.<RGA-S names>``, e.g. ``levels.1.0.theta_spatial.0.weight``
@@ -333,16 +346,26 @@ class APNetS(ImplSwitch, nn.Module):
     """
 
     def __init__(
-        self, channels: int, feat_size: SizeLike, *, levels: int = 2, impl: str = "fused", **rga_kw
+        self,
+        channels: int,
+        feat_size: Tuple[int, int],
+        *,
+        levels: int = 2,
+        min_width: int = 1,
+        impl: str = "fused",
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+        **rga_kw,
     ) -> None:
         super().__init__()
         self.channels = check_positive_int("channels", channels)
-        self.feat_size = pair("feat_size", feat_size)
+        self.feat_size = feat_pair("APNetS", feat_size)
         height, width = self.feat_size
         self.num_levels = _check_levels("APNetS", levels, "the height H", height)
         self.levels = nn.ModuleList(
             nn.ModuleList(
-                RGA(channels, (height // stripes, width), spatial=True, channel=False, **rga_kw)
+                RGA(channels, (height // stripes, width), spatial=True, channel=False, min_width=min_width,
+                    device=device, dtype=dtype, **rga_kw)
                 for _ in range(stripes)
             )
             for stripes in (2 ** i for i in range(levels))
@@ -359,8 +382,24 @@ class APNetS(ImplSwitch, nn.Module):
         """Every stripe agent, level by level (top stripe first)."""
         return [agent for level in self.levels for agent in level]
 
+    def resized(self, feat_size: Tuple[int, int], *, mode: str = "bilinear") -> "APNetS":
+        """A copy for (H', W') maps: every stripe agent :meth:`RGA.resized` to its new stripe.
+
+        H' must be divisible by the finest level's stripes. Exact like :meth:`RGA.resized` for
+        nearest upsampling by an integer factor: each stripe of the upsampled map is the
+        upsampled stripe.
+        """
+        height, width = feat_pair("APNetS.resized", feat_size)
+        _check_levels("APNetS.resized", self.num_levels, "the height H", height)
+        resized = copy.deepcopy(self)
+        for level in resized.levels:
+            for i, agent in enumerate(level):
+                level[i] = agent.resized((height // len(level), width), mode=mode)
+        resized.feat_size = (height, width)
+        return resized
+
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, "APNetS", self.channels, self.feat_size)
+        check_input(x, where(self), self.channels, self.feat_size)
         for level in reversed(self.levels):
             x = stripe_loop(x, level) if self._impl == "reference" else _stripes_fused(x, level)
         return x

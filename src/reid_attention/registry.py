@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 from torch import nn
 
-from ._common import SizeLike, check_positive_int
+from ._common import SizeLike, check_positive_int, feat_pair
 
 __all__ = ["create_attention", "list_attentions", "register_attention"]
 
@@ -70,7 +70,7 @@ def _rga(spatial: bool, channel: bool) -> Factory:
 def _pfsa(channels: int, feat_size: Optional[SizeLike], **kw) -> nn.Module:
     from .pfsa import ParameterFreeSpatialAttention
 
-    return ParameterFreeSpatialAttention(**kw)
+    return ParameterFreeSpatialAttention(channels, **kw)
 
 
 def _apnet_c(channels: int, feat_size: Optional[SizeLike], **kw) -> nn.Module:
@@ -79,10 +79,14 @@ def _apnet_c(channels: int, feat_size: Optional[SizeLike], **kw) -> nn.Module:
     return APNetC(channels, **kw)
 
 
-def _apnet_s(channels: int, feat_size: SizeLike, **kw) -> nn.Module:
-    from .pyramid import APNetS
+def _apnet_s(channels: int, feat_size: SizeLike, *, levels: Optional[int] = None, **kw) -> nn.Module:
+    """APNet-S; without ``levels``: 2, or 1 where the map height is odd (e.g. a 7x7 stage end)."""
+    from .pyramid import APNetS, max_levels
 
-    return APNetS(channels, feat_size, **kw)
+    feat_size = feat_pair("APNetS", feat_size)
+    if levels is None:
+        levels = min(2, max_levels(feat_size[0]))
+    return APNetS(channels, feat_size, levels=levels, **kw)
 
 
 register_attention("rga_s", _rga(True, False), needs_feat_size=True, summary="RGA spatial (CVPR 2020)")

@@ -29,14 +29,14 @@ runs all its stripes' RGA-S agents in one batched call.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+import copy
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import (
-    SizeLike,
     batch_norm,
     cbr,
     ImplSwitch,
@@ -44,11 +44,12 @@ from ._common import (
     check_positive_int,
     compute_dtype,
     conv_weight,
+    feat_pair,
     no_autocast,
-    pair,
+    where,
 )
 
-__all__ = ["RGA", "RelationBranch", "relation_logits_reference", "relation_logits_fused"]
+__all__ = ["RGA"]
 
 
 class RelationBranch(NamedTuple):
@@ -61,20 +62,28 @@ class RelationBranch(NamedTuple):
     W: nn.Sequential  # conv(1 + n/s -> k), BN, ReLU, conv(k -> 1), BN
 
 
-def build_branch(features: int, d_inner: int, tokens: int, n_inner: int, down_ratio: int) -> dict:
+class AxisWidths(NamedTuple):
+    """Inner widths of one RGA axis, each ``max(min_width, official formula)``."""
+
+    features: int  # d': width of theta, phi and g
+    tokens: int  # n/s: width of the relation embedding
+    hidden: int  # k: hidden width of the W network
+
+
+def build_branch(features: int, tokens: int, widths: AxisWidths, **factory) -> dict:
     """Modules of one axis, keyed by the official attribute stem."""
-    width = 1 + n_inner
+    d_inner, n_inner, hidden = widths
     return dict(
-        theta=cbr(features, d_inner),
-        phi=cbr(features, d_inner),
-        gx=cbr(features, d_inner),
-        gg=cbr(2 * tokens, n_inner),
+        theta=cbr(features, d_inner, **factory),
+        phi=cbr(features, d_inner, **factory),
+        gx=cbr(features, d_inner, **factory),
+        gg=cbr(2 * tokens, n_inner, **factory),
         W=nn.Sequential(
-            nn.Conv2d(width, width // down_ratio, 1, bias=False),
-            nn.BatchNorm2d(width // down_ratio),
+            nn.Conv2d(1 + n_inner, hidden, 1, bias=False, **factory),
+            nn.BatchNorm2d(hidden, **factory),
             nn.ReLU(),
-            nn.Conv2d(width // down_ratio, 1, 1, bias=False),
-            nn.BatchNorm2d(1),
+            nn.Conv2d(hidden, 1, 1, bias=False, **factory),
+            nn.BatchNorm2d(1, **factory),
         ),
     )
 
@@ -175,68 +184,91 @@ def _gate(x: Tensor, logits: Tensor, shape: Sequence[int]) -> Tensor:
     return x * torch.sigmoid(logits).view(shape).to(x.dtype)
 
 
+RESIZE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
+
+
+def resample_positions(weight: Tensor, old: Tuple[int, int], new: Tuple[int, int], mode: str) -> Tensor:
+    """A 1x1 conv weight (O, P * H*W, 1, 1) whose input axis is P rasters of an H x W map,
+    resampled to ``new`` and scaled by ``(H*W) / (H'*W')`` so that sums over positions keep their
+    size (see :meth:`RGA.resized`)."""
+    out_channels, halves = weight.shape[0], weight.shape[1] // (old[0] * old[1])
+    raster = weight.detach().reshape(out_channels * halves, 1, *old).to(compute_dtype(weight))
+    resampled = F.interpolate(raster, size=new, mode=mode)
+    scale = (old[0] * old[1]) / (new[0] * new[1])
+    return (resampled * scale).reshape(out_channels, halves * new[0] * new[1], 1, 1).to(weight.dtype)
+
+
+def _replace_conv_input(conv: nn.Conv2d, weight: Tensor) -> None:
+    """Give a 1x1 conv a new weight (and input width), keeping its requires_grad."""
+    conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+    conv.in_channels = weight.shape[1]
+
+
 class RGA(ImplSwitch, nn.Module):
     """Relation-aware global attention: RGA-S, RGA-C or RGA-SC on a (B, C, H, W) map.
 
     Args:
         channels: C of the input.
-        feat_size: (H, W) of the input (an int means square); the weights depend on H*W.
+        feat_size: (H, W) of the input, a pair (the weights depend on H*W). An int is refused:
+            the official ``RGA_Module(in_channel, in_spatial)`` takes H*W there.
         spatial / channel: which attentions to use (both: RGA-SC, spatial first).
         channel_ratio: d' = C // channel_ratio (spatial axis) and n/s = C // channel_ratio
             (channel axis), as in the official ``cha_ratio``.
         spatial_ratio: the same for H*W (official ``spa_ratio``).
-        down_ratio: width reduction inside the W networks.
+        down_ratio: width reduction inside the W networks: k = (1 + n/s) // down_ratio.
+        min_width: floor of every inner width: each is ``max(min_width, official formula)``, so
+            the module equals the official one wherever the formulas give at least ``min_width``
+            (every site of the paper) and builds at any map size and channel count (a 1x1 map, a
+            single channel). The widths are recorded in :attr:`widths`.
         impl: ``"fused"`` (default, never builds the relation matrix) or ``"reference"``
             (the official computation); settable on a built module.
+        device, dtype: torch's factory keywords for the parameters and buffers.
 
     The state_dict keys and shapes equal the official ``RGA_Module(channels, H*W, ...)``.
+    A module built for one map size runs at another after :meth:`resized`.
     """
 
     def __init__(
         self,
         channels: int,
-        feat_size: SizeLike,
+        feat_size: Tuple[int, int],
         *,
         spatial: bool = True,
         channel: bool = True,
         channel_ratio: int = 8,
         spatial_ratio: int = 8,
         down_ratio: int = 8,
+        min_width: int = 1,
         impl: str = "fused",
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         self.channels = check_positive_int("channels", channels)
-        self.feat_size = pair("feat_size", feat_size)
+        self.feat_size = feat_pair("RGA", feat_size)
         for name, value in (("channel_ratio", channel_ratio), ("spatial_ratio", spatial_ratio),
-                            ("down_ratio", down_ratio)):
+                            ("down_ratio", down_ratio), ("min_width", min_width)):
             check_positive_int(name, value)
         if not (spatial or channel):
             raise ValueError("RGA needs spatial=True, channel=True or both")
         self.spatial, self.channel = bool(spatial), bool(channel)
         self.impl = impl
         positions = self.feat_size[0] * self.feat_size[1]
-        inter_channel, inter_spatial = channels // channel_ratio, positions // spatial_ratio
-        widths = {
-            f"channels // channel_ratio = {channels} // {channel_ratio}": inter_channel,
-            f"H*W // spatial_ratio = {positions} // {spatial_ratio}": inter_spatial,
-        }
-        if spatial:
-            widths[f"(1 + H*W // spatial_ratio) // down_ratio = {1 + inter_spatial} // {down_ratio}"] = (
-                (1 + inter_spatial) // down_ratio
-            )
-        if channel:
-            widths[f"(1 + channels // channel_ratio) // down_ratio = {1 + inter_channel} // {down_ratio}"] = (
-                (1 + inter_channel) // down_ratio
-            )
-        for what, width in widths.items():
-            if width < 1:
-                raise ValueError(f"RGA ratios leave zero channels: {what} = {width}; lower the ratio")
-
+        inter_channel = max(min_width, channels // channel_ratio)
+        inter_spatial = max(min_width, positions // spatial_ratio)
+        self.widths: Dict[str, AxisWidths] = {}
         axes = {}
+        factory = dict(device=device, dtype=dtype)
         if spatial:
-            axes["spatial"] = build_branch(channels, inter_channel, positions, inter_spatial, down_ratio)
+            self.widths["spatial"] = AxisWidths(
+                inter_channel, inter_spatial, max(min_width, (1 + inter_spatial) // down_ratio)
+            )
+            axes["spatial"] = build_branch(channels, positions, self.widths["spatial"], **factory)
         if channel:
-            axes["channel"] = build_branch(positions, inter_spatial, channels, inter_channel, down_ratio)
+            self.widths["channel"] = AxisWidths(
+                inter_spatial, inter_channel, max(min_width, (1 + inter_channel) // down_ratio)
+            )
+            axes["channel"] = build_branch(positions, channels, self.widths["channel"], **factory)
         for stem in ("theta", "phi", "gx", "gg", "W"):  # the official registration order
             for axis, modules in axes.items():
                 self.add_module(f"{stem}_{axis}", modules[stem])
@@ -244,6 +276,47 @@ class RGA(ImplSwitch, nn.Module):
     def branch(self, axis: str) -> RelationBranch:
         """The official sub-networks of ``axis`` ("spatial" or "channel")."""
         return RelationBranch(*(getattr(self, f"{stem}_{axis}") for stem in RelationBranch._fields))
+
+    def resized(self, feat_size: Tuple[int, int], *, mode: str = "bilinear") -> "RGA":
+        """A copy of this module for (H', W') maps: resolution transfer of the trained weights.
+
+        The weights meet the map size only on axes indexed by position: the 2N inputs of
+        ``gg_spatial`` (the row half and the column half of a relation vector, each an H x W
+        raster) and the N inputs of ``theta/phi/gx_channel`` (a channel's map). Exactly those
+        axes are resampled as H x W images (``F.interpolate`` with ``mode``) and multiplied by
+        N / N' (N = H*W, N' = H'*W'), so that every sum over positions keeps its size; every
+        other tensor and every inner width (:attr:`widths`) stays as built, and so do the
+        state_dict keys, the impl, the training mode, device and dtype.
+
+        **Exact for nearest upsampling by an integer factor k** (``mode="nearest"``). On
+        x' = nearest-upsampling of x, each position p of x becomes k^2 positions p' with the
+        same features. Spatial axis: theta and phi of the copies equal those of p, so the
+        relation vector of p' repeats each entry R(p, q) of p's k^2 times; the resampled weight
+        repeats each w(q) k^2 times divided by k^2, so ``sum_q' w'(q') R'(p', q') = sum_q w(q)
+        R(p, q)``: the embedding, g, the W network and the gate of p' are those of p. Channel
+        axis: a channel's map of x' repeats each value k^2 times and theta/phi/gx weights are
+        repeated and divided by k^2, so every projection, relation and gate is unchanged. Hence
+        ``resized(x') == upsample(original(x))``. BatchNorm batch statistics pool k^2 copies of
+        the same values, so their mean and biased variance are unchanged and the equality holds
+        in training mode too (the running variance's unbiased correction n / (n - 1) differs).
+
+        Any other factor or mode (bilinear, shrinking) is an approximation, like interpolating
+        a ViT's position embedding: the relation of a resampled map is close to the resampled
+        relation for smooth maps (``benchmarks/resize_transfer.py`` measures how close).
+        """
+        new_size = feat_pair("RGA.resized", feat_size)
+        if mode not in RESIZE_MODES:
+            raise ValueError(f"mode must be one of {RESIZE_MODES}, got {mode!r}")
+        resized = copy.deepcopy(self)
+        positional = []
+        if self.spatial:
+            positional.append(resized.gg_spatial[0])
+        if self.channel:
+            positional += [resized.theta_channel[0], resized.phi_channel[0], resized.gx_channel[0]]
+        for conv in positional:
+            _replace_conv_input(conv, resample_positions(conv.weight, self.feat_size, new_size, mode))
+        resized.feat_size = new_size
+        return resized
 
     def _logits(self, tokens: Tensor, axis: str) -> Tensor:
         """tokens (B, d, n) -> logits (B, 1, n) on the selected path."""
@@ -256,7 +329,7 @@ class RGA(ImplSwitch, nn.Module):
         return self._logits(x.flatten(2), "spatial")
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, "RGA", self.channels, self.feat_size)
+        check_input(x, where(self), self.channels, self.feat_size)
         b, c, h, w = x.shape
         if self.spatial:
             x = _gate(x, self.spatial_logits(x), (b, 1, h, w))
@@ -266,4 +339,6 @@ class RGA(ImplSwitch, nn.Module):
 
     def extra_repr(self) -> str:
         kind = {(True, True): "sc", (True, False): "s", (False, True): "c"}[(self.spatial, self.channel)]
-        return f"{self.channels}, feat_size={self.feat_size}, kind=rga_{kind}, impl={self._impl!r}"
+        widths = ", ".join(f"{axis}={tuple(w)}" for axis, w in self.widths.items())
+        return (f"{self.channels}, feat_size={self.feat_size}, kind=rga_{kind}, widths({widths}), "
+                f"impl={self._impl!r}")
