@@ -1,4 +1,4 @@
-"""Small shared helpers: input validation, numerics policy and batched BatchNorm."""
+"""Small shared helpers: input validation, the impl switch and the numerics policy."""
 
 from __future__ import annotations
 
@@ -22,9 +22,22 @@ def check_impl(impl: object) -> str:
 
 
 class ImplSwitch:
-    """Mixin: the ``impl`` attribute ("reference" | "fused"), validated on every assignment."""
+    """Mixin of every layer: the ``impl`` attribute ("reference" | "fused"), validated on every
+    assignment, and a clear refusal of ``torch.jit.script``.
+
+    TorchScript (in maintenance in PyTorch) cannot compile the layers' Python-level dispatch
+    (the impl switch, norm routing, autograd Functions); ``torch.jit.trace``, ``torch.export``
+    and ONNX export record the computation instead and are supported.
+    """
 
     _impl: str
+
+    def __prepare_scriptable__(self):
+        raise TypeError(
+            f"{type(self).__name__} does not support torch.jit.script; record it with "
+            "torch.jit.trace(model, example), torch.export.export(model, (example,)) or "
+            "torch.onnx.export instead (all supported)"
+        )
 
     @property
     def impl(self) -> str:
@@ -110,62 +123,3 @@ def no_autocast(x: Tensor):
     if x.device.type == "meta":
         return contextlib.nullcontext()
     return torch.autocast(device_type=x.device.type, enabled=False)
-
-
-def cbr(inp: int, out: int, **factory) -> nn.Sequential:
-    """1x1 conv without bias, BatchNorm, ReLU: the official modules' building block.
-
-    ``factory``: torch's ``device=`` / ``dtype=`` keywords for the new tensors.
-    """
-    return nn.Sequential(
-        nn.Conv2d(inp, out, 1, bias=False, **factory), nn.BatchNorm2d(out, **factory), nn.ReLU()
-    )
-
-
-def conv_weight(convs: Sequence[nn.Conv2d], dtype: torch.dtype) -> Tensor:
-    """Stack 1x1 conv weights (O, I, 1, 1) of one shape into (G, O, I) (a view for one conv)."""
-    weights = [c.weight.flatten(1) for c in convs]
-    stacked = weights[0].unsqueeze(0) if len(weights) == 1 else torch.stack(weights)
-    return stacked.to(dtype)
-
-
-def batch_norm(x: Tensor, bns: Sequence[nn.modules.batchnorm._BatchNorm]) -> Tensor:
-    """BatchNorm over dim 1 of ``x`` (B, C, L), whose C channels are ``bns``' channels concatenated.
-
-    One kernel for many BatchNorm modules (a stripe's or a projection's): the result, the
-    modules' running statistics and ``num_batches_tracked`` are those of calling each module on
-    its own slice. Parameters and statistics are used in ``x.dtype`` and written back in theirs.
-    """
-    first = bns[0]
-    dtype = x.dtype
-    use_batch_stats = first.training or first.running_mean is None
-    track = first.training and first.running_mean is not None
-
-    def gather(name: str) -> Tensor | None:
-        tensors = [getattr(bn, name) for bn in bns]
-        if tensors[0] is None:
-            return None
-        return (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).to(dtype)
-
-    weight, bias = gather("weight"), gather("bias")
-    running_mean, running_var = gather("running_mean"), gather("running_var")
-    momentum = 0.0
-    if track:
-        counters = [bn.num_batches_tracked for bn in bns]
-        torch._foreach_add_(counters, 1)
-        momentum = first.momentum if first.momentum is not None else 1.0 / float(counters[0])
-    # F.batch_norm updates the statistics it is given in place: for one module in its own dtype
-    # those are its buffers; otherwise they are fresh (concatenated or cast) and written back.
-    # x.contiguous(): for a non-contiguous input the CPU kernel returns a contiguous result but
-    # its fake-tensor twin keeps the input's strides, and views traced on the fake layout then
-    # fail at run time under torch.compile / export (pytorch/pytorch#192668).
-    y = F.batch_norm(
-        x.contiguous(), running_mean, running_var, weight, bias, use_batch_stats, momentum, first.eps
-    )
-    if track and running_mean is not first.running_mean:
-        sizes = [bn.num_features for bn in bns]
-        torch._foreach_copy_(
-            [bn.running_mean for bn in bns] + [bn.running_var for bn in bns],
-            list(running_mean.split(sizes)) + list(running_var.split(sizes)),
-        )
-    return y

@@ -33,7 +33,6 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ._common import (
-    batch_norm,
     ImplSwitch,
     check_input,
     check_positive_int,
@@ -42,7 +41,9 @@ from ._common import (
     no_autocast,
     where,
 )
-from .rga import RGA, _gate, relation_logits_fused
+from ._norm import NormLayer, batchnorm_affine, make_norm, norm_channels, one_kernel, run_module
+from ._relation import gate, relation_logits_fused
+from .rga import RGA
 
 __all__ = ["APNetC", "APNetS"]
 
@@ -100,15 +101,19 @@ class SplitAttention(nn.Module):
     follows it (official ``BN{k}.bottleneck2``; its bias is frozen).
     """
 
-    def __init__(self, channels: int, groups: int, reduction: int, min_width: int, **factory) -> None:
+    def __init__(
+        self, channels: int, groups: int, reduction: int, min_width: int, norm_layer: NormLayer, **factory
+    ) -> None:
         super().__init__()
         self.groups = groups
         width = max(channels * groups // reduction, min_width)
         self.fc1 = nn.Conv2d(channels // groups, width, 1, **factory)
-        self.bn1 = nn.BatchNorm2d(width, **factory)
+        self.bn1 = make_norm(norm_layer, width, **factory)
         self.fc2 = nn.Conv2d(width, channels, 1, **factory)
-        self.norm = nn.BatchNorm2d(channels, **factory)
-        self.norm.bias.requires_grad_(False)
+        self.norm = make_norm(norm_layer, channels, **factory)
+        bias = getattr(self.norm, "bias", None)
+        if isinstance(bias, nn.Parameter):  # frozen, as in the official model
+            bias.requires_grad_(False)
 
     def gate(self, pooled: Tensor) -> Tensor:
         """(B, C) channel means of the input -> (B, C) softmax weights, in pooled's dtype.
@@ -118,7 +123,7 @@ class SplitAttention(nn.Module):
         """
         b, c = pooled.shape
         summed = pooled.view(b, self.groups, c // self.groups).sum(1)
-        hidden = batch_norm(_linear(summed, self.fc1, pooled.dtype).unsqueeze(2), [self.bn1])
+        hidden = norm_channels(_linear(summed, self.fc1, pooled.dtype).unsqueeze(2), [self.bn1])
         logits = _linear(hidden.squeeze(2).relu(), self.fc2, pooled.dtype)
         return logits.view(b, self.groups, c // self.groups).softmax(1).view(b, c)
 
@@ -130,32 +135,6 @@ class SplitAttention(nn.Module):
         weights = self.fc2(hidden).view(b, self.groups, c // self.groups).softmax(1)
         weights = torch.split(weights.view(b, c, 1, 1), c // self.groups, dim=1)
         return self.norm(torch.cat([w * part for w, part in zip(weights, parts)], 1))
-
-
-def _norm_affine(
-    bn: nn.BatchNorm2d, mean: Tensor, var: Optional[Tensor], count: int
-) -> Tuple[Tensor, Tensor]:
-    """Per-channel (scale, shift) with ``bn(y) = y * scale + shift``.
-
-    ``mean`` and ``var`` (B, C) are the per-sample mean and biased variance of y over its
-    ``count`` positions. In training the batch statistics follow from them (law of total
-    variance) and the running statistics are updated as ``bn(y)`` would update them; in
-    evaluation the running statistics are used and ``var`` may be None.
-    """
-    dtype = mean.dtype
-    if bn.training:
-        between, mu = torch.var_mean(mean, 0, correction=0)
-        sigma2 = var.mean(0) + between
-        n = count * mean.shape[0]
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-            bn.running_mean.lerp_(mu.to(bn.running_mean.dtype), momentum)
-            bn.running_var.lerp_((sigma2 * (n / (n - 1))).to(bn.running_var.dtype), momentum)
-    else:
-        mu, sigma2 = bn.running_mean.to(dtype), bn.running_var.to(dtype)
-    scale = bn.weight.to(dtype) * torch.rsqrt(sigma2 + bn.eps)
-    return scale, bn.bias.to(dtype) - mu * scale
 
 
 class _ChannelMoments(torch.autograd.Function):
@@ -185,6 +164,20 @@ class _ChannelMoments(torch.autograd.Function):
             return torch.addcmul(offset[:, :, None, None], x, slope[:, :, None, None]).to(x.dtype)
 
 
+def _moments(x: Tensor, with_var: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """Per-(sample, channel) spatial mean (B, C) and, if asked, biased variance (else None)."""
+    if with_var:
+        return _ChannelMoments.apply(x)
+    return x.mean((2, 3), dtype=compute_dtype(x)), None
+
+
+def _affine(x: Tensor, mean: Tensor, scale: Tensor, pooled: Tensor) -> Tensor:
+    """``x * scale + shift`` per (sample, channel), the shift set so the spatial means are
+    ``pooled`` (x's are ``mean``): one broadcast addcmul that keeps x's memory format."""
+    shift = pooled - mean * scale
+    return torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
+
+
 class APNetC(ImplSwitch, nn.Module):
     """One site of the APNet channel attention pyramid (APNet-C).
 
@@ -197,6 +190,8 @@ class APNetC(ImplSwitch, nn.Module):
         se_hidden: SE hidden width (official: 8 at every site).
         split_reduction, split_min_width: split-attention hidden width
             ``max(C * r // split_reduction, split_min_width)`` (official 4 and 32).
+        norm_layer: ``num_channels -> nn.Module`` for the split levels' two norms (default
+            ``nn.BatchNorm2d``; a ``bias`` parameter of the level's output norm is frozen).
         impl: ``"fused"`` (default) or ``"reference"``; settable on a built module.
         device, dtype: torch's factory keywords (so timm's ``attn_layer=APNetC`` works).
 
@@ -225,7 +220,10 @@ class APNetC(ImplSwitch, nn.Module):
       output (one ``addcmul``, broadcast, keeping the memory format). The moments have a
       one-pass hand-written backward (first-order gradients only). Outputs, gradients and
       running statistics equal the reference's; an empty batch takes the reference path. The
-      moments and gates are float32 for half inputs.
+      moments and gates are float32 for half inputs. This folding is taken for a level's output
+      norm only when it is an exact BatchNorm (:func:`reid_attention._norm.one_kernel`); any
+      other norm (SyncBatchNorm, FrozenBatchNorm2d, GroupNorm, ...) is called as a module on the
+      map materialised at that level, and the levels after it fold again from its output.
     """
 
     def __init__(
@@ -236,6 +234,7 @@ class APNetC(ImplSwitch, nn.Module):
         se_hidden: int = 8,
         split_reduction: int = 4,
         split_min_width: int = 32,
+        norm_layer: NormLayer = nn.BatchNorm2d,
         impl: str = "fused",
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
@@ -249,7 +248,7 @@ class APNetC(ImplSwitch, nn.Module):
         factory = dict(device=device, dtype=dtype)
         self.se = SqueezeExcite(channels, se_hidden, **factory)
         self.split = nn.ModuleList(
-            SplitAttention(channels, 2 ** (level - 1), split_reduction, split_min_width, **factory)
+            SplitAttention(channels, 2 ** (level - 1), split_reduction, split_min_width, norm_layer, **factory)
             for level in range(2, levels + 1)
         )
         self.impl = impl
@@ -270,23 +269,29 @@ class APNetC(ImplSwitch, nn.Module):
 
     def _fused(self, x: Tensor) -> Tensor:
         count = x.shape[2] * x.shape[3]
+        # Exact BatchNorms are folded into the running affine map; any other norm is called as a
+        # module on the map materialised so far (the gates stay on pooled features).
+        folded = [one_kernel([level.norm]) for level in self.split]
+        with_var = any(f and (level.norm.training or level.norm.running_mean is None)
+                       for f, level in zip(folded, self.split))
         with no_autocast(x):
-            if self.training and len(self.split):
-                mean, var = _ChannelMoments.apply(x)
-            else:
-                mean, var = x.mean((2, 3), dtype=compute_dtype(x)), None
-            # The map so far is x * scale + (a shift): track scale and the map's spatial means.
+            src = x
+            mean, var = _moments(src, with_var)
+            # The map so far is src * scale + (a shift): track scale and the map's spatial means.
             scale, pooled = torch.ones_like(mean), mean
-            for level in reversed(self.split):
+            for level, fold in zip(reversed(self.split), reversed(folded)):
                 weight = level.gate(pooled)
                 scale, pooled = scale * weight, pooled * weight
-                stats = None if var is None else var * scale.square()
-                norm_scale, norm_shift = _norm_affine(level.norm, pooled, stats, count)
-                scale, pooled = scale * norm_scale, torch.addcmul(norm_shift, pooled, norm_scale)
-            gate = self.se.gate(pooled)
-            scale, pooled = scale * gate, pooled * gate
-            shift = pooled - mean * scale  # the output's spatial means are `pooled`
-            out = torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
+                if fold:
+                    stats = None if var is None else var * scale.square()
+                    norm_scale, norm_shift = batchnorm_affine(level.norm, pooled, stats, count)
+                    scale, pooled = scale * norm_scale, torch.addcmul(norm_shift, pooled, norm_scale)
+                else:
+                    src = run_module(level.norm, _affine(src, mean, scale, pooled))
+                    mean, var = _moments(src, with_var)
+                    scale, pooled = torch.ones_like(mean), mean
+            se_gate = self.se.gate(pooled)
+            out = _affine(src, mean, scale * se_gate, pooled * se_gate)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -298,7 +303,7 @@ def stripe_loop(x: Tensor, level: Sequence[RGA]) -> Tensor:
     b, _, h, w = x.shape
     stripes = x.chunk(len(level), dim=2)
     shape = (b, 1, h // len(level), w)
-    return torch.cat([_gate(s, agent.spatial_logits(s), shape) for agent, s in zip(level, stripes)], dim=2)
+    return torch.cat([gate(s, agent.spatial_logits(s), shape) for agent, s in zip(level, stripes)], dim=2)
 
 
 def _stripes_fused(x: Tensor, level: Sequence[RGA]) -> Tensor:
@@ -306,7 +311,7 @@ def _stripes_fused(x: Tensor, level: Sequence[RGA]) -> Tensor:
     b, _, h, w = x.shape
     tokens = x.unflatten(2, (len(level), h // len(level))).transpose(1, 2).flatten(3)  # (B, G, C, h*W)
     logits = relation_logits_fused(tokens, [agent.branch("spatial") for agent in level])  # (B, G, h*W)
-    return _gate(x, logits, (b, 1, h, w))
+    return gate(x, logits, (b, 1, h, w))
 
 
 class APNetS(ImplSwitch, nn.Module):
@@ -323,6 +328,7 @@ class APNetS(ImplSwitch, nn.Module):
         feat_size: (H, W) of the input, a pair; H must be divisible by 2^(levels-1).
         levels: pyramid height (default 2).
         min_width: floor of the agents' inner widths (see :class:`RGA`), so any stripe size builds.
+        norm_layer: ``num_channels -> nn.Module`` for the agents' norms (see :class:`RGA`).
         impl: ``"fused"`` (default) or ``"reference"``; settable, and passed on to the agents.
         device, dtype: torch's factory keywords.
         **rga_kw: channel_ratio, spatial_ratio, down_ratio of the agents (see :class:`RGA`).
@@ -352,6 +358,7 @@ class APNetS(ImplSwitch, nn.Module):
         *,
         levels: int = 2,
         min_width: int = 1,
+        norm_layer: NormLayer = nn.BatchNorm2d,
         impl: str = "fused",
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
@@ -365,7 +372,7 @@ class APNetS(ImplSwitch, nn.Module):
         self.levels = nn.ModuleList(
             nn.ModuleList(
                 RGA(channels, (height // stripes, width), spatial=True, channel=False, min_width=min_width,
-                    device=device, dtype=dtype, **rga_kw)
+                    norm_layer=norm_layer, device=device, dtype=dtype, **rga_kw)
                 for _ in range(stripes)
             )
             for stripes in (2 ** i for i in range(levels))

@@ -1,0 +1,150 @@
+"""The one normalisation helper of every layer: the module tree decides what runs.
+
+Each layer owns its norm modules (built with ``norm_layer``, torchvision's convention:
+``norm_layer(num_channels) -> nn.Module``) and runs them through this file only:
+
+* :func:`norm_channels` normalises a (B, C, L) tensor whose C channels are the channels of
+  several equally wide norm modules, concatenated (theta, phi and g of one agent; one
+  projection of each APNet-S stripe). **Fast route**: when :func:`one_kernel` holds, one
+  ``F.batch_norm`` call covers the whole group, and the modules' running statistics and
+  ``num_batches_tracked`` end up exactly as if each module had been called on its slice.
+  **Otherwise** every module is called, as a module (its hooks, its own mode, its own
+  statistics: SyncBatchNorm after ``convert_sync_batchnorm``, torchvision's FrozenBatchNorm2d,
+  GroupNorm, a user's norm), on its slice viewed as a (B, c, L, 1) map.
+* :func:`batchnorm_affine` is APNet-C's fast route: an exact BatchNorm over a map whose
+  per-(sample, channel) means and variances are known is a per-channel affine map, computed
+  without touching the map; APNet-C calls the module on the map wherever the route is not
+  provably the same.
+
+The fast routes are taken only when every module is exactly ``nn.BatchNorm1d/2d/3d`` (the
+type, not a subclass), without forward hooks, in one mode with one eps, momentum, affine and
+statistics setting, and ``momentum`` is not None (the cumulative average divides by the
+module's own counter; the module computes it as torch does).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+
+NormLayer = Callable[[int], nn.Module]
+_EXACT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def make_norm(norm_layer: NormLayer, channels: int, **factory) -> nn.Module:
+    """``norm_layer(channels)`` on the factory device / dtype, checked to be a module."""
+    if not callable(norm_layer):
+        raise TypeError(
+            "norm_layer must be a callable num_channels -> nn.Module (e.g. nn.BatchNorm2d or "
+            f"lambda c: nn.GroupNorm(1, c)), got {type(norm_layer).__name__}"
+        )
+    norm = norm_layer(channels)
+    if not isinstance(norm, nn.Module):
+        raise TypeError(f"norm_layer({channels}) must return an nn.Module, got {type(norm).__name__}")
+    return norm.to(**{k: v for k, v in factory.items() if v is not None})
+
+
+def is_plain(m: nn.Module, cls: type) -> bool:
+    """``m`` is exactly a ``cls`` (not a subclass) with no forward hooks, its own or global."""
+    return type(m) is cls and not (
+        m._forward_hooks or m._forward_pre_hooks
+        or _module._global_forward_hooks or _module._global_forward_pre_hooks
+    )
+
+
+def _settings(m: nn.Module) -> tuple:
+    return (m.training, m.eps, m.momentum, m.affine, m.running_mean is None)
+
+
+def one_kernel(norms: Sequence[nn.Module]) -> bool:
+    """Whether one ``F.batch_norm`` call is provably the same as calling every module."""
+    if not all(any(is_plain(m, cls) for cls in _EXACT) for m in norms):
+        return False
+    first = _settings(norms[0])
+    return first[2] is not None and all(_settings(m) == first for m in norms)
+
+
+def _track(norms: Sequence[nn.Module]) -> bool:
+    """Count a training batch for modules that track statistics; whether they do."""
+    first = norms[0]
+    track = first.training and first.running_mean is not None
+    if track:
+        torch._foreach_add_([m.num_batches_tracked for m in norms], 1)
+    return track
+
+
+def _cat(norms: Sequence[nn.Module], name: str, dtype: torch.dtype) -> Optional[Tensor]:
+    tensors = [getattr(m, name) for m in norms]
+    if tensors[0] is None:
+        return None
+    return (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).to(dtype)
+
+
+def _dtype_of(m: nn.Module, default: torch.dtype) -> torch.dtype:
+    for t in list(m.parameters()) + list(m.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return default
+
+
+def run_module(module: nn.Module, x: Tensor) -> Tensor:
+    """Call a module on x in the module's own dtype (x's for a stateless one); the result in x's."""
+    return module(x.to(_dtype_of(module, x.dtype))).to(x.dtype)
+
+
+def norm_channels(x: Tensor, norms: Sequence[nn.Module]) -> Tensor:
+    """Normalise x (B, C, L): its channels are ``norms``' channels concatenated (equal widths)."""
+    if not one_kernel(norms):
+        parts = x.chunk(len(norms), 1)
+        return torch.cat([run_module(m, part.unsqueeze(-1)).squeeze(-1) for m, part in zip(norms, parts)], 1)
+    first = norms[0]
+    track = _track(norms)
+    dtype = x.dtype
+    running_mean, running_var = _cat(norms, "running_mean", dtype), _cat(norms, "running_var", dtype)
+    # F.batch_norm updates the statistics it is given in place: for one module in its own dtype
+    # those are its buffers; otherwise they are fresh (concatenated or cast) and written back.
+    # x.contiguous(): for a non-contiguous input the CPU kernel returns a contiguous result but
+    # its fake-tensor twin keeps the input's strides, and views traced on the fake layout then
+    # fail at run time under torch.compile / export (pytorch/pytorch#192668).
+    y = F.batch_norm(
+        x.contiguous(), running_mean, running_var, _cat(norms, "weight", dtype), _cat(norms, "bias", dtype),
+        first.training or running_mean is None, first.momentum if track else 0.0, first.eps,
+    )
+    if track and running_mean is not first.running_mean:
+        sizes = [m.num_features for m in norms]
+        torch._foreach_copy_(
+            [m.running_mean for m in norms] + [m.running_var for m in norms],
+            list(running_mean.split(sizes)) + list(running_var.split(sizes)),
+        )
+    return y
+
+
+def batchnorm_affine(bn: nn.Module, mean: Tensor, var: Optional[Tensor], count: int) -> Tuple[Tensor, Tensor]:
+    """(scale, shift) (C,) with ``bn(y) = y * scale + shift``, for ``one_kernel([bn])`` modules.
+
+    ``mean`` and ``var`` (B, C) are the per-sample mean and biased variance of y over its
+    ``count`` positions (``var`` may be None when ``bn`` uses running statistics). Batch
+    statistics follow from them (law of total variance); the running statistics are updated as
+    calling ``bn`` on y would update them.
+    """
+    dtype = mean.dtype
+    if bn.training or bn.running_mean is None:
+        between, mu = torch.var_mean(mean, 0, correction=0)
+        sigma2 = var.mean(0) + between
+        if _track([bn]):
+            n = count * mean.shape[0]
+            with torch.no_grad():
+                bn.running_mean.lerp_(mu.to(bn.running_mean.dtype), bn.momentum)
+                bn.running_var.lerp_((sigma2 * (n / (n - 1))).to(bn.running_var.dtype), bn.momentum)
+    else:
+        mu, sigma2 = bn.running_mean.to(dtype), bn.running_var.to(dtype)
+    scale = torch.rsqrt(sigma2 + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight.to(dtype) * scale
+    shift = -mu * scale
+    return scale, (shift if bn.bias is None else shift + bn.bias.to(dtype))
+

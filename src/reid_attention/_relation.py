@@ -1,0 +1,234 @@
+"""The relation core of RGA (both axes) and of APNet-S's stripe agents.
+
+Zhang et al., "Relation-Aware Global Attention for Person Re-identification", CVPR 2020,
+arXiv:1904.02998. For tokens T (n tokens of d features) one agent computes
+
+    theta = CBR(T), phi = CBR(T), g = mean_c CBR(T)          (d -> d')
+    R = theta^T phi (n x n),  r_i = [R(i, :), R(:, i)]        (2n values per token)
+    E_i = CBR(2n -> n/s)(r_i),  y_i = [g_i, E_i]
+    logit_i = BN(conv(k -> 1)(ReLU(BN(conv(1 + n/s -> k)(y_i)))))
+
+Its modules are the official Sequentials (``theta`` = conv 0, norm 1, ReLU 2; ``W`` = conv 0,
+norm 1, ReLU 2, conv 3, norm 4): :class:`CBRParts` and :class:`WParts` name those slots.
+
+* :func:`relation_logits_reference` is the official computation: every submodule is called as a
+  module on the (B, d, n, 1) token map, and R (B, n, n) is built.
+* :func:`relation_logits_fused` never builds R, for a stack of G agents at once (APNet-S's
+  stripes). The embedding is linear in R before its norm, so with the embedding weight split
+  into the half acting on rows (Wr) and on columns (Wc), ``E_pre = Ar theta + Ac phi`` with
+  ``Ar = Wr phi^T`` and ``Ac = Wc theta^T`` (n/s x d'): two thin batched GEMMs instead of an
+  n x n product and a 2n-channel conv. It runs in three named steps, :func:`projections`,
+  :func:`relation_embedding` and :func:`w_network`; the 1x1 convolutions' weights are read
+  (stacked over agents, theta/phi/g as one GEMM) and every norm runs through
+  :func:`reid_attention._norm.norm_channels` (one kernel for exact BatchNorms, the modules
+  themselves otherwise); activations other than an exact ``nn.ReLU`` are called as modules.
+
+Under autocast the input projections run in the autocast dtype; everything after them runs in
+float32 (float64 stays float64).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._common import compute_dtype, no_autocast
+from ._norm import NormLayer, is_plain, make_norm, norm_channels, run_module
+
+
+class RelationBranch(NamedTuple):
+    """The five official sub-networks of one agent (official names ``<name>_spatial`` etc.)."""
+
+    theta: nn.Sequential  # CBR(d -> d')
+    phi: nn.Sequential  # CBR(d -> d')
+    gx: nn.Sequential  # CBR(d -> d'), averaged over its channels
+    gg: nn.Sequential  # CBR(2n -> n/s), embeds the relation vectors
+    W: nn.Sequential  # conv(1 + n/s -> k), norm, ReLU, conv(k -> 1), norm
+
+
+class CBRParts(NamedTuple):
+    """The slots of an official CBR Sequential."""
+
+    conv: nn.Conv2d
+    norm: nn.Module
+    act: nn.Module
+
+
+class WParts(NamedTuple):
+    """The slots of an official W Sequential."""
+
+    conv1: nn.Conv2d
+    norm1: nn.Module
+    act: nn.Module
+    conv2: nn.Conv2d
+    norm2: nn.Module
+
+
+class AxisWidths(NamedTuple):
+    """Inner widths of one agent, each ``max(min_width, official formula)``."""
+
+    features: int  # d': width of theta, phi and g
+    tokens: int  # n/s: width of the relation embedding
+    hidden: int  # k: hidden width of the W network
+
+
+def cbr(inp: int, out: int, norm_layer: NormLayer, **factory) -> nn.Sequential:
+    """1x1 conv without bias, norm, ReLU: the official modules' building block."""
+    return nn.Sequential(
+        nn.Conv2d(inp, out, 1, bias=False, **factory), make_norm(norm_layer, out, **factory), nn.ReLU()
+    )
+
+
+def build_branch(features: int, tokens: int, widths: AxisWidths, norm_layer: NormLayer, **factory) -> dict:
+    """Modules of one agent, keyed by the official attribute stem."""
+    d_inner, n_inner, hidden = widths
+    return dict(
+        theta=cbr(features, d_inner, norm_layer, **factory),
+        phi=cbr(features, d_inner, norm_layer, **factory),
+        gx=cbr(features, d_inner, norm_layer, **factory),
+        gg=cbr(2 * tokens, n_inner, norm_layer, **factory),
+        W=nn.Sequential(
+            nn.Conv2d(1 + n_inner, hidden, 1, bias=False, **factory),
+            make_norm(norm_layer, hidden, **factory),
+            nn.ReLU(),
+            nn.Conv2d(hidden, 1, 1, bias=False, **factory),
+            make_norm(norm_layer, 1, **factory),
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------ reference
+
+
+def _official(seq: nn.Sequential, t: Tensor, dtype: torch.dtype) -> Tensor:
+    """An official Sequential on a (B, c, n, 1) token map: its convolutions in t's dtype
+    (autocast applies to the first), everything after the first conv in ``dtype``."""
+    y = seq[0](t)
+    with no_autocast(t):
+        y = y.to(dtype)
+        for module in seq[1:]:
+            y = run_module(module, y)
+    return y
+
+
+def relation_logits_reference(tokens: Tensor, branch: RelationBranch) -> Tensor:
+    """Official computation for one agent: tokens (B, d, n) -> attention logits (B, 1, n)."""
+    dtype = compute_dtype(tokens)
+    t = tokens.unsqueeze(-1)
+    theta, phi, gx = (_official(m, t, dtype).squeeze(-1) for m in branch[:3])
+    with no_autocast(tokens):
+        relation = torch.matmul(theta.transpose(1, 2), phi)  # R(i, j) = <theta_i, phi_j>
+        # Channel j of token i holds R(i, j) for the first n channels, R(j, i) for the last n.
+        joint = torch.cat((relation.transpose(1, 2), relation), 1)
+        embedded = _official(branch.gg, joint.unsqueeze(-1), dtype)
+        y = torch.cat((gx.mean(1, keepdim=True).unsqueeze(-1), embedded), 1)
+        return _official(branch.W, y, dtype).squeeze(-1)
+
+
+# ------------------------------------------------------------------------------ fused
+
+
+def _weights(convs: Sequence[nn.Conv2d], dtype: torch.dtype) -> Tensor:
+    """Stack 1x1 conv weights (O, I, 1, 1) of one shape into (G, O, I) (a view for one conv)."""
+    weights = [c.weight.flatten(1) for c in convs]
+    stacked = weights[0].unsqueeze(0) if len(weights) == 1 else torch.stack(weights)
+    return stacked.to(dtype)
+
+
+def _project(weight: Tensor, tokens: Tensor) -> Tensor:
+    """1x1 projections of stacked agents: weight (G, O, d) x tokens (B, G, d, n) -> (B, G, O, n).
+
+    The weight gradient is always one GEMM over the whole batch: a broadcast ``matmul`` would
+    materialise it per sample (B x O x d) before reducing. One agent: a linear over the folded
+    batch when the tokens are stored token-major (the channel axis of an NCHW map, the spatial
+    axis of a channels_last one), else a 1x1 conv; neither copies the input. Several agents
+    (APNet-S stripes): the (batch, agent) pairs of a stripe view share no single stride, so the
+    tokens are gathered once into (G, d, B*n) and one GEMM per agent, batched over agents, covers
+    the whole batch (a grouped 1x1 conv over (B, G*d, n) computes the same with the same gather,
+    but its backward was about twice as slow on the CPU); the result is a permuted view.
+    """
+    batch, groups, d, n = tokens.shape
+    if groups > 1:
+        out = torch.bmm(weight, tokens.permute(1, 2, 0, 3).reshape(groups, d, batch * n))
+        return out.view(groups, weight.shape[1], batch, n).permute(2, 0, 1, 3)
+    t = tokens[:, 0]
+    if t.stride(1) == 1 and t.transpose(1, 2).is_contiguous():
+        return F.linear(t.transpose(1, 2), weight[0]).transpose(1, 2).unsqueeze(1)
+    return F.conv1d(t, weight[0].unsqueeze(-1)).unsqueeze(1)
+
+
+def _activate(y: Tensor, acts: Sequence[nn.Module]) -> Tensor:
+    """The activation slots on their equal slices of y's channels (dim 1): one in-place ReLU
+    when every slot is an exact nn.ReLU, else each slot called as a module on its slice."""
+    if all(is_plain(a, nn.ReLU) for a in acts):
+        return y.relu_()
+    return torch.cat([a(part) for a, part in zip(acts, y.chunk(len(acts), 1))], 1)
+
+
+def projections(tokens: Tensor, branches: Sequence[RelationBranch]) -> Tuple[Tensor, Tensor]:
+    """theta, phi and g of every agent from one batched GEMM over the input (autocast applies).
+
+    tokens (B, G, d, n) -> theta_phi (B, G, 2, d', n) and g (B, G, 1, n), in the compute dtype.
+    """
+    batch, groups, _, n = tokens.shape
+    parts = [[CBRParts(*b.theta), CBRParts(*b.phi), CBRParts(*b.gx)] for b in branches]
+    w_proj = torch.stack([torch.cat([p.conv.weight for p in ps]).flatten(1) for ps in parts])
+    proj = _project(w_proj.to(tokens.dtype), tokens)  # (B, G, 3d', n)
+    d_inner = proj.shape[2] // 3
+    with no_autocast(tokens):
+        flat = proj.to(compute_dtype(tokens)).reshape(batch, groups * 3 * d_inner, n)
+        flat = norm_channels(flat, [p.norm for ps in parts for p in ps])
+        proj = _activate(flat, [p.act for ps in parts for p in ps]).view(batch, groups, 3, d_inner, n)
+        return proj[:, :, :2], proj[:, :, 2].mean(2, keepdim=True)
+
+
+def relation_embedding(theta_phi: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
+    """The embedded relation vectors E (B, G, n/s, n) without the n x n relation.
+
+    Embedding weight (n/s, 2n) = [Wr | Wc]: Ar^T = phi Wr^T and Ac^T = theta Wc^T, one GEMM per
+    (agent, half) with the batch folded into the rows, so the weights are never expanded over the
+    batch; the token copy this needs also swaps theta and phi to pair them. Then E_pre = Ar theta
+    + Ac phi as one batched GEMM, the norm and the activation.
+    """
+    batch, groups, _, d_inner, n = theta_phi.shape
+    gg = [CBRParts(*b.gg) for b in branches]
+    w_gg = _weights([p.conv for p in gg], theta_phi.dtype)  # (G, n/s, 2n)
+    n_inner = w_gg.shape[1]
+    w_rc = w_gg.view(groups, n_inner, 2, n).permute(0, 2, 3, 1).reshape(groups * 2, n, n_inner)
+    rows = theta_phi.permute(1, 2, 0, 3, 4)[:, [1, 0]].reshape(groups * 2, batch * d_inner, n)
+    a = torch.bmm(rows, w_rc).view(groups, 2, batch, d_inner, n_inner)  # (Ar^T, Ac^T)
+    a = a.permute(2, 0, 1, 3, 4).reshape(batch, groups, 2 * d_inner, n_inner)
+    emb = torch.matmul(a.transpose(2, 3), theta_phi.reshape(batch, groups, 2 * d_inner, n))
+    emb = norm_channels(emb.view(batch, groups * n_inner, n), [p.norm for p in gg])
+    return _activate(emb, [p.act for p in gg]).view(batch, groups, n_inner, n)
+
+
+def w_network(emb: Tensor, g: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
+    """W on y = [g, E] without forming the concatenation: logits (B, G, n)."""
+    batch, groups, n_inner, n = emb.shape
+    w = [WParts(*b.W) for b in branches]
+    w1 = _weights([p.conv1 for p in w], emb.dtype)  # (G, k, 1 + n/s)
+    k = w1.shape[1]
+    hidden = torch.matmul(w1[:, :, 1:], emb) + w1[:, :, :1] * g
+    hidden = norm_channels(hidden.view(batch, groups * k, n), [p.norm1 for p in w])
+    hidden = _activate(hidden, [p.act for p in w])
+    logits = torch.matmul(_weights([p.conv2 for p in w], emb.dtype), hidden.view(batch, groups, k, n))
+    return norm_channels(logits.view(batch, groups, n), [p.norm2 for p in w])
+
+
+def relation_logits_fused(tokens: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
+    """Same function as the reference for G stacked agents, without the n x n relation.
+
+    tokens: (B, G, d, n), agent g reading ``tokens[:, g]``; returns logits (B, G, n).
+    """
+    theta_phi, g = projections(tokens, branches)
+    with no_autocast(tokens):
+        return w_network(relation_embedding(theta_phi, branches), g, branches)
+
+
+def gate(x: Tensor, logits: Tensor, shape: Sequence[int]) -> Tensor:
+    """x * sigmoid(logits), the gate broadcast (never expanded) and cast to x's dtype."""
+    return x * torch.sigmoid(logits).view(shape).to(x.dtype)
