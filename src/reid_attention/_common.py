@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 SizeLike = Union[int, Sequence[int]]
 IMPLS = ("reference", "fused")
+MEMORY_MODES = ("default", "lean")
 # Set by insert_attention on every module it inserts: the name of the site it follows.
 SITE_ATTR = "_reid_attention_site"
 
@@ -46,6 +47,27 @@ class ImplSwitch:
     @impl.setter
     def impl(self, value: str) -> None:
         self._impl = check_impl(value)
+
+
+class MemorySwitch:
+    """Mixin of the relation layers: ``memory`` ("default" | "lean"), validated on assignment.
+
+    ``"lean"``: the fused path recomputes the relation embedding and the W network in backward
+    instead of keeping their activations (the largest a training step keeps: n/s x n per
+    sample); same gradients and statistics, more time (see the benchmark results).
+    """
+
+    _memory: str = "default"
+
+    @property
+    def memory(self) -> str:
+        return self._memory
+
+    @memory.setter
+    def memory(self, value: str) -> None:
+        if not isinstance(value, str) or value not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {value!r}")
+        self._memory = value
 
 
 def check_positive_int(name: str, value: object) -> int:

@@ -96,15 +96,23 @@ def run_module(module: nn.Module, x: Tensor) -> Tensor:
     return module(x.to(_dtype_of(module, x.dtype))).to(x.dtype)
 
 
-def norm_channels(x: Tensor, norms: Sequence[nn.Module]) -> Tensor:
-    """Normalise x (B, C, L): its channels are ``norms``' channels concatenated (equal widths)."""
+def norm_channels(x: Tensor, norms: Sequence[nn.Module], *, update_statistics: bool = True) -> Tensor:
+    """Normalise x (B, C, L): its channels are ``norms``' channels concatenated (equal widths).
+
+    ``update_statistics=False`` (one-kernel route only: a recomputation for backward) gives the
+    same result without counting the batch or touching the running statistics.
+    """
     if not one_kernel(norms):
+        if not update_statistics:
+            raise RuntimeError("only exact BatchNorms can be recomputed without updating statistics")
         parts = x.chunk(len(norms), 1)
         return torch.cat([run_module(m, part.unsqueeze(-1)).squeeze(-1) for m, part in zip(norms, parts)], 1)
     first = norms[0]
-    track = _track(norms)
+    track = _track(norms) if update_statistics else False
     dtype = x.dtype
     running_mean, running_var = _cat(norms, "running_mean", dtype), _cat(norms, "running_var", dtype)
+    if not update_statistics and running_mean is not None:  # the same call on throwaway copies
+        running_mean, running_var = running_mean.clone(), running_var.clone()
     # F.batch_norm updates the statistics it is given in place: for one module in its own dtype
     # those are its buffers; otherwise they are fresh (concatenated or cast) and written back.
     # x.contiguous(): for a non-contiguous input the CPU kernel returns a contiguous result but
@@ -112,7 +120,7 @@ def norm_channels(x: Tensor, norms: Sequence[nn.Module]) -> Tensor:
     # fail at run time under torch.compile / export (pytorch/pytorch#192668).
     y = F.batch_norm(
         x.contiguous(), running_mean, running_var, _cat(norms, "weight", dtype), _cat(norms, "bias", dtype),
-        first.training or running_mean is None, first.momentum if track else 0.0, first.eps,
+        first.training or running_mean is None, first.momentum, first.eps,
     )
     if track and running_mean is not first.running_mean:
         sizes = [m.num_features for m in norms]

@@ -34,9 +34,10 @@ from typing import NamedTuple, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ._common import compute_dtype, no_autocast
-from ._norm import NormLayer, is_plain, make_norm, norm_channels, run_module
+from ._norm import NormLayer, is_plain, make_norm, norm_channels, one_kernel, run_module
 
 
 class RelationBranch(NamedTuple):
@@ -185,7 +186,7 @@ def projections(tokens: Tensor, branches: Sequence[RelationBranch]) -> Tuple[Ten
         return proj[:, :, :2], proj[:, :, 2].mean(2, keepdim=True)
 
 
-def relation_embedding(theta_phi: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
+def relation_embedding(theta_phi: Tensor, branches: Sequence[RelationBranch], update_statistics: bool = True) -> Tensor:
     """The embedded relation vectors E (B, G, n/s, n) without the n x n relation.
 
     Embedding weight (n/s, 2n) = [Wr | Wc]: Ar^T = phi Wr^T and Ac^T = theta Wc^T, one GEMM per
@@ -202,31 +203,66 @@ def relation_embedding(theta_phi: Tensor, branches: Sequence[RelationBranch]) ->
     a = torch.bmm(rows, w_rc).view(groups, 2, batch, d_inner, n_inner)  # (Ar^T, Ac^T)
     a = a.permute(2, 0, 1, 3, 4).reshape(batch, groups, 2 * d_inner, n_inner)
     emb = torch.matmul(a.transpose(2, 3), theta_phi.reshape(batch, groups, 2 * d_inner, n))
-    emb = norm_channels(emb.view(batch, groups * n_inner, n), [p.norm for p in gg])
+    emb = norm_channels(emb.view(batch, groups * n_inner, n), [p.norm for p in gg], update_statistics=update_statistics)
     return _activate(emb, [p.act for p in gg]).view(batch, groups, n_inner, n)
 
 
-def w_network(emb: Tensor, g: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
+def w_network(emb: Tensor, g: Tensor, branches: Sequence[RelationBranch], update_statistics: bool = True) -> Tensor:
     """W on y = [g, E] without forming the concatenation: logits (B, G, n)."""
     batch, groups, n_inner, n = emb.shape
     w = [WParts(*b.W) for b in branches]
     w1 = _weights([p.conv1 for p in w], emb.dtype)  # (G, k, 1 + n/s)
     k = w1.shape[1]
     hidden = torch.matmul(w1[:, :, 1:], emb) + w1[:, :, :1] * g
-    hidden = norm_channels(hidden.view(batch, groups * k, n), [p.norm1 for p in w])
+    hidden = norm_channels(hidden.view(batch, groups * k, n), [p.norm1 for p in w], update_statistics=update_statistics)
     hidden = _activate(hidden, [p.act for p in w])
     logits = torch.matmul(_weights([p.conv2 for p in w], emb.dtype), hidden.view(batch, groups, k, n))
-    return norm_channels(logits.view(batch, groups, n), [p.norm2 for p in w])
+    return norm_channels(logits.view(batch, groups, n), [p.norm2 for p in w], update_statistics=update_statistics)
 
 
-def relation_logits_fused(tokens: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
+def _embed_and_weigh(theta_phi: Tensor, g: Tensor, branches, update_statistics: bool = True) -> Tensor:
+    return w_network(relation_embedding(theta_phi, branches, update_statistics), g, branches, update_statistics)
+
+
+def _recomputable(branches: Sequence[RelationBranch]) -> bool:
+    """Whether the embedding and W network may be recomputed: their norms take the one-kernel
+    route (a module called again would run twice: hooks, SyncBatchNorm's communication)."""
+    return all(
+        one_kernel([b.gg[1]]) and one_kernel([b.W[1]]) and one_kernel([b.W[4]])
+        and all(is_plain(a, nn.ReLU) for a in (b.gg[2], b.W[2]))
+        for b in branches
+    )
+
+
+def _lean(theta_phi: Tensor, g: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
+    """The embedding and W network, their (B, n/s, n) activations recomputed in backward.
+
+    Only theta_phi and g (and the logits) are kept; backward runs the block again with
+    ``update_statistics=False`` so BatchNorm statistics are counted once, and normalises with
+    the same batch statistics (the same input gives the same values).
+    """
+    calls = []
+
+    def block(theta_phi: Tensor, g: Tensor) -> Tensor:
+        first = not calls
+        calls.append(True)
+        return _embed_and_weigh(theta_phi, g, branches, update_statistics=first)
+
+    return checkpoint(block, theta_phi, g, use_reentrant=False, preserve_rng_state=False)
+
+
+def relation_logits_fused(tokens: Tensor, branches: Sequence[RelationBranch], *, lean: bool = False) -> Tensor:
     """Same function as the reference for G stacked agents, without the n x n relation.
 
     tokens: (B, G, d, n), agent g reading ``tokens[:, g]``; returns logits (B, G, n).
+    ``lean``: recompute the embedding and W network in backward instead of keeping their
+    activations (taken when the gradient is needed and :func:`_recomputable` holds).
     """
     theta_phi, g = projections(tokens, branches)
     with no_autocast(tokens):
-        return w_network(relation_embedding(theta_phi, branches), g, branches)
+        if lean and torch.is_grad_enabled() and _recomputable(branches):
+            return _lean(theta_phi, g, branches)
+        return _embed_and_weigh(theta_phi, g, branches)
 
 
 def gate(x: Tensor, logits: Tensor, shape: Sequence[int]) -> Tensor:

@@ -29,11 +29,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ._common import (
     ImplSwitch,
+    MemorySwitch,
     check_input,
     check_positive_int,
     compute_dtype,
@@ -306,15 +308,16 @@ def stripe_loop(x: Tensor, level: Sequence[RGA]) -> Tensor:
     return torch.cat([gate(s, agent.spatial_logits(s), shape) for agent, s in zip(level, stripes)], dim=2)
 
 
-def _stripes_fused(x: Tensor, level: Sequence[RGA]) -> Tensor:
+def _stripes_fused(x: Tensor, level: Sequence[RGA], lean: bool = False) -> Tensor:
     """One APNet-S level with all its agents in one batched relation call."""
     b, _, h, w = x.shape
-    tokens = x.unflatten(2, (len(level), h // len(level))).transpose(1, 2).flatten(3)  # (B, G, C, h*W)
-    logits = relation_logits_fused(tokens, [agent.branch("spatial") for agent in level])  # (B, G, h*W)
+    tokens = rearrange(x, "b c (g h) w -> b g c (h w)", g=len(level))  # a view, either memory format
+    branches = [agent.branch("spatial") for agent in level]
+    logits = relation_logits_fused(tokens, branches, lean=lean)  # (B, G, h*W)
     return gate(x, logits, (b, 1, h, w))
 
 
-class APNetS(ImplSwitch, nn.Module):
+class APNetS(ImplSwitch, MemorySwitch, nn.Module):
     """One site of the APNet spatial attention pyramid (APNet-S), RGA-S agents per stripe.
 
     Level l cuts the height into 2^(l-1) stripes of H / 2^(l-1) rows; each stripe has its own
@@ -330,6 +333,7 @@ class APNetS(ImplSwitch, nn.Module):
         min_width: floor of the agents' inner widths (see :class:`RGA`), so any stripe size builds.
         norm_layer: ``num_channels -> nn.Module`` for the agents' norms (see :class:`RGA`).
         impl: ``"fused"`` (default) or ``"reference"``; settable, and passed on to the agents.
+        memory: ``"default"`` or ``"lean"`` (see :class:`RGA`); settable.
         device, dtype: torch's factory keywords.
         **rga_kw: channel_ratio, spatial_ratio, down_ratio of the agents (see :class:`RGA`).
 
@@ -360,11 +364,13 @@ class APNetS(ImplSwitch, nn.Module):
         min_width: int = 1,
         norm_layer: NormLayer = nn.BatchNorm2d,
         impl: str = "fused",
+        memory: str = "default",
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         **rga_kw,
     ) -> None:
         super().__init__()
+        self.memory = memory
         self.channels = check_positive_int("channels", channels)
         self.feat_size = feat_pair("APNetS", feat_size)
         height, width = self.feat_size
@@ -408,7 +414,10 @@ class APNetS(ImplSwitch, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, where(self), self.channels, self.feat_size)
         for level in reversed(self.levels):
-            x = stripe_loop(x, level) if self._impl == "reference" else _stripes_fused(x, level)
+            if self._impl == "reference":
+                x = stripe_loop(x, level)
+            else:
+                x = _stripes_fused(x, level, lean=self._memory == "lean")
         return x
 
     def extra_repr(self) -> str:

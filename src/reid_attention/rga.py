@@ -27,9 +27,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
-from ._common import ImplSwitch, check_input, check_positive_int, compute_dtype, feat_pair, where
+from ._common import ImplSwitch, MemorySwitch, check_input, check_positive_int, compute_dtype, feat_pair, where
 from ._norm import NormLayer
 from ._relation import (
     AxisWidths,
@@ -63,7 +64,7 @@ def _replace_conv_input(conv: nn.Conv2d, weight: Tensor) -> None:
     conv.in_channels = weight.shape[1]
 
 
-class RGA(ImplSwitch, nn.Module):
+class RGA(ImplSwitch, MemorySwitch, nn.Module):
     """Relation-aware global attention: RGA-S, RGA-C or RGA-SC on a (B, C, H, W) map.
 
     Args:
@@ -85,6 +86,8 @@ class RGA(ImplSwitch, nn.Module):
             ``nn.SyncBatchNorm.convert_sync_batchnorm`` and swapped norms take effect.
         impl: ``"fused"`` (default, never builds the relation matrix) or ``"reference"``
             (the official computation); settable on a built module.
+        memory: ``"default"`` or ``"lean"`` (fused path: the relation embedding and W network
+            are recomputed in backward, not stored; exact BatchNorms only); settable.
         device, dtype: torch's factory keywords for the parameters and buffers.
 
     The state_dict keys and shapes equal the official ``RGA_Module(channels, H*W, ...)``.
@@ -104,12 +107,14 @@ class RGA(ImplSwitch, nn.Module):
         min_width: int = 1,
         norm_layer: NormLayer = nn.BatchNorm2d,
         impl: str = "fused",
+        memory: str = "default",
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         self.channels = check_positive_int("channels", channels)
         self.feat_size = feat_pair("RGA", feat_size)
+        self.memory = memory
         for name, value in (("channel_ratio", channel_ratio), ("spatial_ratio", spatial_ratio),
                             ("down_ratio", down_ratio), ("min_width", min_width)):
             check_positive_int(name, value)
@@ -186,11 +191,11 @@ class RGA(ImplSwitch, nn.Module):
         """tokens (B, d, n) -> logits (B, 1, n) on the selected path."""
         if self._impl == "reference":
             return relation_logits_reference(tokens, self.branch(axis))
-        return relation_logits_fused(tokens.unsqueeze(1), [self.branch(axis)])
+        return relation_logits_fused(tokens.unsqueeze(1), [self.branch(axis)], lean=self._memory == "lean")
 
     def spatial_logits(self, x: Tensor) -> Tensor:
-        """RGA-S logits (B, 1, H*W) of a validated input."""
-        return self._logits(x.flatten(2), "spatial")
+        """RGA-S logits (B, 1, H*W) of a validated input: tokens are the positions."""
+        return self._logits(rearrange(x, "b c h w -> b c (h w)"), "spatial")
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, where(self), self.channels, self.feat_size)
@@ -198,7 +203,8 @@ class RGA(ImplSwitch, nn.Module):
         if self.spatial:
             x = gate(x, self.spatial_logits(x), (b, 1, h, w))
         if self.channel:
-            x = gate(x, self._logits(x.flatten(2).transpose(1, 2), "channel"), (b, c, 1, 1))
+            channel_tokens = rearrange(x, "b c h w -> b (h w) c")  # tokens are the channels
+            x = gate(x, self._logits(channel_tokens, "channel"), (b, c, 1, 1))
         return x
 
     def extra_repr(self) -> str:

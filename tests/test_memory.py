@@ -1,0 +1,89 @@
+"""``memory="lean"``: the relation embedding and W network recomputed in backward.
+
+Same outputs, gradients and BatchNorm statistics (counted once) as the default, in float64;
+fewer bytes kept for backward (counted with saved-tensor hooks, not timed); norms that are not
+exact BatchNorms keep the default path (a module must not run twice).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import reid_attention as ra
+from helpers import assert_same_step, randomize_bn, run_step
+
+SIZE_TIED = ["rga_s", "rga_c", "rga_sc", "apnet_s"]
+
+
+def build(kind: str, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(ra.create_attention(kind, 32, feat_size=(8, 4), **kw).double())
+
+
+def x_(seed: int = 0) -> torch.Tensor:
+    return torch.rand(3, 32, 8, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", SIZE_TIED)
+@pytest.mark.parametrize("train", [True, False])
+def test_lean_equals_default(kind, train):
+    default = build(kind).train(train)
+    lean = copy.deepcopy(default)
+    lean.memory = "lean"
+    for seed in range(2):  # twice: the statistics move between steps
+        assert_same_step(run_step(default, x_(seed)), run_step(lean, x_(seed)))
+
+
+def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x.requires_grad_())
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("kind", SIZE_TIED)
+def test_lean_keeps_fewer_bytes_for_backward(kind):
+    x = torch.rand(4, 64, 16, 8)
+    torch.manual_seed(0)
+    default = ra.create_attention(kind, 64, feat_size=(16, 8)).train()
+    lean = copy.deepcopy(default)
+    lean.memory = "lean"
+    agents = default.agents() if kind == "apnet_s" else [default]
+    # at least one (B, n/s, n) float32 embedding per agent and axis is not kept
+    embedding = sum(4 * 4 * w.tokens * n for a in agents for w, n in _axes(a))
+    assert _saved_bytes(lean, x.clone()) <= _saved_bytes(default, x.clone()) - embedding
+
+
+def _axes(agent):
+    """(widths, tokens) of each axis of an RGA agent."""
+    positions = agent.feat_size[0] * agent.feat_size[1]
+    return [(w, positions if axis == "spatial" else agent.channels) for axis, w in agent.widths.items()]
+
+
+def test_lean_with_sync_batchnorm_runs_each_norm_once():
+    module = nn.SyncBatchNorm.convert_sync_batchnorm(build("rga_sc", memory="lean"))
+    calls = []
+    for m in module.modules():
+        if isinstance(m, nn.SyncBatchNorm):
+            m.register_forward_hook(lambda mod, args, out: calls.append(mod))
+    module(x_()).sum().backward()
+    assert len(calls) == len({id(m) for m in calls}) == sum(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
+
+
+def test_memory_validation_and_no_grad():
+    with pytest.raises(ValueError, match="memory must be one of \\('default', 'lean'\\), got 'small'"):
+        ra.RGA(8, (4, 4), memory="small")
+    m = ra.APNetS(8, (4, 4), memory="lean")
+    with torch.no_grad():
+        assert m(torch.rand(2, 8, 4, 4)).shape == (2, 8, 4, 4)
+    with pytest.raises(ValueError, match="memory must be one of"):
+        m.memory = None
