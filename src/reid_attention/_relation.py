@@ -11,17 +11,19 @@ arXiv:1904.02998. For tokens T (n tokens of d features) one agent computes
 Its modules are the official Sequentials (``theta`` = conv 0, norm 1, ReLU 2; ``W`` = conv 0,
 norm 1, ReLU 2, conv 3, norm 4): :class:`CBRParts` and :class:`WParts` name those slots.
 
-* :func:`relation_logits_reference` is the official computation: every submodule is called as a
-  module on the (B, d, n, 1) token map, and R (B, n, n) is built.
+* :func:`relation_logits_reference` is the official computation, slot by slot, building R
+  (B, n, n).
 * :func:`relation_logits_fused` never builds R, for a stack of G agents at once (APNet-S's
   stripes). The embedding is linear in R before its norm, so with the embedding weight split
   into the half acting on rows (Wr) and on columns (Wc), ``E_pre = Ar theta + Ac phi`` with
   ``Ar = Wr phi^T`` and ``Ac = Wc theta^T`` (n/s x d'): two thin batched GEMMs instead of an
   n x n product and a 2n-channel conv. It runs in three named steps, :func:`projections`,
   :func:`relation_embedding` and :func:`w_network`; the 1x1 convolutions' weights are read
-  (stacked over agents, theta/phi/g as one GEMM) and every norm runs through
-  :func:`reid_attention._norm.norm_channels` (one kernel for exact BatchNorms, the modules
-  themselves otherwise); activations other than an exact ``nn.ReLU`` are called as modules.
+  (stacked over agents, theta/phi/g as one GEMM).
+
+On both paths every norm runs through :func:`reid_attention._norm.norm_channels` (one kernel for
+exact BatchNorms, the modules themselves otherwise) and activations other than an exact
+``nn.ReLU`` are called as modules.
 
 Under autocast the input projections run in the autocast dtype; everything after them runs in
 float32 (float64 stays float64).
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ._common import compute_dtype, no_autocast
-from ._norm import NormLayer, is_plain, make_norm, norm_channels, one_kernel, run_module
+from ._norm import NormLayer, is_plain, make_norm, norm_channels, one_kernel
 
 
 class RelationBranch(NamedTuple):
@@ -104,29 +106,36 @@ def build_branch(features: int, tokens: int, widths: AxisWidths, norm_layer: Nor
 # ------------------------------------------------------------------------------ reference
 
 
+def _activate(y: Tensor, acts: Sequence[nn.Module]) -> Tensor:
+    """The activation slots on their equal slices of y's channels (dim 1): one in-place ReLU
+    when every slot is an exact nn.ReLU, else each slot called as a module on its slice."""
+    if all(is_plain(a, nn.ReLU) for a in acts):
+        return y.relu_()
+    return torch.cat([a(part) for a, part in zip(acts, y.chunk(len(acts), 1))], 1)
+
+
 def _official(seq: nn.Sequential, t: Tensor, dtype: torch.dtype) -> Tensor:
-    """An official Sequential on a (B, c, n, 1) token map: its convolutions in t's dtype
-    (autocast applies to the first), everything after the first conv in ``dtype``."""
-    y = seq[0](t)
+    """An official Sequential (conv, norm, act [, conv, norm]) on tokens (B, c, n), slot by slot:
+    the first 1x1 conv in t's dtype (autocast applies), everything after it in ``dtype``; the
+    norms through :func:`norm_channels`, as on the fused path, and the activation's module."""
+    y = torch.matmul(seq[0].weight.flatten(1).to(t.dtype), t)
     with no_autocast(t):
-        y = y.to(dtype)
-        for module in seq[1:]:
-            y = run_module(module, y)
+        y = _activate(norm_channels(y.to(dtype), [seq[1]]), [seq[2]])
+        if len(seq) == 5:  # the W network's second conv and norm
+            y = norm_channels(torch.matmul(seq[3].weight.flatten(1).to(dtype), y), [seq[4]])
     return y
 
 
 def relation_logits_reference(tokens: Tensor, branch: RelationBranch) -> Tensor:
     """Official computation for one agent: tokens (B, d, n) -> attention logits (B, 1, n)."""
     dtype = compute_dtype(tokens)
-    t = tokens.unsqueeze(-1)
-    theta, phi, gx = (_official(m, t, dtype).squeeze(-1) for m in branch[:3])
+    theta, phi, gx = (_official(m, tokens, dtype) for m in branch[:3])
     with no_autocast(tokens):
         relation = torch.matmul(theta.transpose(1, 2), phi)  # R(i, j) = <theta_i, phi_j>
         # Channel j of token i holds R(i, j) for the first n channels, R(j, i) for the last n.
         joint = torch.cat((relation.transpose(1, 2), relation), 1)
-        embedded = _official(branch.gg, joint.unsqueeze(-1), dtype)
-        y = torch.cat((gx.mean(1, keepdim=True).unsqueeze(-1), embedded), 1)
-        return _official(branch.W, y, dtype).squeeze(-1)
+        embedded = _official(branch.gg, joint, dtype)
+        return _official(branch.W, torch.cat((gx.mean(1, keepdim=True), embedded), 1), dtype)
 
 
 # ------------------------------------------------------------------------------ fused
@@ -159,14 +168,6 @@ def _project(weight: Tensor, tokens: Tensor) -> Tensor:
     if t.stride(1) == 1 and t.transpose(1, 2).is_contiguous():
         return F.linear(t.transpose(1, 2), weight[0]).transpose(1, 2).unsqueeze(1)
     return F.conv1d(t, weight[0].unsqueeze(-1)).unsqueeze(1)
-
-
-def _activate(y: Tensor, acts: Sequence[nn.Module]) -> Tensor:
-    """The activation slots on their equal slices of y's channels (dim 1): one in-place ReLU
-    when every slot is an exact nn.ReLU, else each slot called as a module on its slice."""
-    if all(is_plain(a, nn.ReLU) for a in acts):
-        return y.relu_()
-    return torch.cat([a(part) for a, part in zip(acts, y.chunk(len(acts), 1))], 1)
 
 
 def projections(tokens: Tensor, branches: Sequence[RelationBranch]) -> Tuple[Tensor, Tensor]:
