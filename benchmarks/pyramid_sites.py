@@ -12,15 +12,20 @@ APNet-C and APNet-S at the APNet sites (384x192 input, last stride 1: stem 64x96
   apnet_c     fused vs reference
   apnet_s     fused vs reference, and ``loop`` = a Python loop over per-stripe fused RGA-S modules
 
-Each row: forward+backward median time, forward FLOPs (2 x multiply-adds), parameters, peak
-memory of one training step (CPU: high-water mark of a fresh subprocess; CUDA:
-max_memory_allocated). The summary reports the speed-up targets (measured, not asserted).
+Each row: median time of one training step (``--step optimizer``, the default: forward, loss,
+backward, SGD momentum step, zero_grad(set_to_none=True); ``--step accumulate``: forward and
+backward only), forward FLOPs (2 x multiply-adds), parameters, peak memory of the same step
+(CPU: high-water mark of a fresh subprocess; CUDA: max_memory_allocated). The summary reports
+the speed-up targets (measured, not asserted). Exits 1 if a row failed other than by running
+out of memory.
 
     python benchmarks/pyramid_sites.py                 # CPU -> results/pyramid_sites_cpu.json
     python benchmarks/pyramid_sites.py --only apnet_s --device cuda
     python benchmarks/pyramid_sites.py --quick         # smoke run: one small site, batch 2
     python benchmarks/pyramid_sites.py --only apnet_s --impl fused loop --malloc retain
                                                        # -> results/pyramid_sites_cpu_retain.json
+    python benchmarks/pyramid_sites.py --device cuda --compile --levels 2
+                                                       # -> results/pyramid_sites_cuda_compiled.json
 
 ``--malloc retain`` times with freed memory kept for reuse (see
 :func:`reid_attention.bench.measure.set_malloc`): glibc's default maps every block above 32 MiB
@@ -39,13 +44,14 @@ import torch
 from torch import Tensor, nn
 
 from reid_attention import APNetS, ParameterFreeSpatialAttention, create_attention
-from reid_attention.bench.measure import MALLOC_MODES, set_malloc
+from reid_attention.bench.measure import MALLOC_MODES, STEPS, set_malloc
 from reid_attention.bench.report import environment, publish
-from reid_attention.bench.suites import PAPER_SITES, layer_spec, measure
+from reid_attention.bench.suites import PAPER_SITES, failed, layer_spec, measure
 from reid_attention.pyramid import stripe_loop
 
-COLUMNS = ["kind", "level", "site", "impl", "batch", "fwd_bwd_ms", "gflops", "params", "peak_mib", "error"]
-HEADERS = {"fwd_bwd_ms": "fwd+bwd ms", "gflops": "GFLOP fwd", "peak_mib": "peak MiB"}
+COLUMNS = ["flag", "kind", "level", "site", "impl", "batch", "step_ms", "gflops", "params", "peak_mib",
+           "error"]
+HEADERS = {"step_ms": "step ms", "gflops": "GFLOP fwd", "peak_mib": "peak MiB"}
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 FACTORY = f"{pathlib.Path(__file__).resolve()}:variant"
 KINDS = ("pfsa", "apnet_c", "apnet_s")
@@ -128,7 +134,7 @@ def variant(name: str, channels: int, feat_size, impl: str, **kw: Any) -> nn.Mod
 def jobs(args) -> List[Dict[str, Any]]:
     """(label, spec) of every row."""
     pfsa_sites, apnet_sites = PAPER_SITES["pfsa"], PAPER_SITES["apnet"]
-    levels = (2, 3)
+    levels = tuple(args.levels)
     if args.quick:
         pfsa_sites = apnet_sites = [(64, (16, 8))]
         levels = (2,)
@@ -140,7 +146,7 @@ def jobs(args) -> List[Dict[str, Any]]:
     def add(kind, impl, channels, feat_size, batch, level=None):
         kw = {} if level is None else {"levels": level}
         spec = layer_spec(kind, channels, feat_size, batch=batch, impl=impl, device=args.device,
-                          threads=args.threads, factory=FACTORY, **kw)
+                          threads=args.threads, factory=FACTORY, step=args.step, compile=args.compile, **kw)
         site = f"{channels}:{feat_size[0]}x{feat_size[1]}"
         rows.append(({"kind": kind, "level": level, "site": site, "impl": impl}, spec))
 
@@ -165,7 +171,7 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def summary(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Speed-ups (slower time / faster time) behind the targets, per site and summed."""
-    time = {(r["kind"], r["level"], r["site"], r["impl"]): r.get("fwd_bwd_ms") for r in records}
+    time = {(r["kind"], r["level"], r["site"], r["impl"]): r.get("step_ms") for r in records}
 
     def times(kind, level, impl):
         """{site: ms} of one kind, level and impl, sites in network order."""
@@ -212,6 +218,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-run-time", type=float, default=1.0)
     p.add_argument("--only", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--levels", nargs="+", type=int, choices=(2, 3), default=[2, 3], help="APNet pyramid levels")
+    p.add_argument("--step", default="optimizer", choices=STEPS, help="the timed training step")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every module (suffixes the result file with _compiled)")
     p.add_argument("--impl", nargs="+", default=None, help="only these impls (default: all of each kind)")
     p.add_argument("--malloc", default="system", choices=MALLOC_MODES, help="CPU allocation while timing")
     p.add_argument("--quick", action="store_true", help="smoke run: one small site, level 2, batch 2")
@@ -231,8 +241,9 @@ def main(argv=None) -> int:
         print(f"[{n}/{len(todo)}] {label}", file=sys.stderr, flush=True)
         records.append(measure(spec, label, memory_batch=args.memory_batch, min_run_time=args.min_run_time))
     env = environment(args.device, args.threads, args.malloc)
-    env.update(batch=args.batch, pfsa_batch=args.pfsa_batch, memory_batch=args.memory_batch)
-    suffix = "" if args.malloc == "system" else f"_{args.malloc}"
+    env.update(batch=args.batch, pfsa_batch=args.pfsa_batch, memory_batch=args.memory_batch, step=args.step,
+               compiled=args.compile)
+    suffix = ("" if args.malloc == "system" else f"_{args.malloc}") + ("_compiled" if args.compile else "")
     path = args.out or RESULTS / f"pyramid_sites_{args.device.split(':')[0]}{suffix}.json"
     if args.merge and path.exists():
         new = {_key(r) for r in records}
@@ -240,7 +251,7 @@ def main(argv=None) -> int:
         records.sort(key=_order)
     result = {"environment": env, "summary": summary(records), "records": records}
     publish(result, COLUMNS, path, headers=HEADERS, write=not args.quick or args.out is not None)
-    return 0
+    return 1 if any(failed(r) for r in records) else 0
 
 
 def _key(record: Dict[str, Any]) -> tuple:

@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import pathlib
 
-from reid_attention.bench.report import format_records
+from reid_attention.bench.report import format_flagged
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-HEADERS = {"fwd_bwd_ms": "fwd+bwd ms", "gflops": "GFLOP fwd", "peak_mib": "peak MiB", "fwd_ms": "fwd ms",
+HEADERS = {"step_ms": "step ms", "gflops": "GFLOP fwd", "peak_mib": "peak MiB", "fwd_ms": "fwd ms",
            "samples_per_s": "samples/s", "memory_batch": "mem batch", "time_x": "time x", "memory_x": "memory x",
-           "params_x": "params x", "gflops_x": "FLOP x", "eval_ms": "eval fwd ms"}
+           "params_x": "params x", "gflops_x": "FLOP x", "time_per_flop_x": "time/FLOP x",
+           "eval_ms": "eval fwd ms"}
+STEPS = {"optimizer": "training step = forward, loss, backward, SGD momentum step, zero_grad(set_to_none=True)",
+         "accumulate": "step = forward().backward(grad), gradients accumulating"}
 
 
 def load(name: str):
@@ -23,14 +26,14 @@ def load(name: str):
 
 def machine(env) -> str:
     malloc = f", malloc {env['malloc']}" if "malloc" in env else ""
-    return f"{env['date']}, {env['device_name']}, {env['threads']} threads, torch {env['torch']}{malloc}"
+    step = f"; {STEPS[env['step']]}" if env.get("step") in STEPS else ""
+    return f"{env['date']}, {env['device_name']}, {env['threads']} threads, torch {env['torch']}{malloc}{step}"
 
 
 def section(title: str, result, columns, note: str = "") -> str:
     if result is None:
         return ""
-    cols = [c for c in columns if any(r.get(c) is not None for r in result["records"])]
-    table = format_records(result["records"], cols, "markdown", headers=HEADERS)
+    table = format_flagged(result["records"], ["flag", *columns], "markdown", headers=HEADERS)
     summary = result.get("summary")
     tail = f"\n\nSummary: `{json.dumps(summary)}`" if summary else ""
     return f"#### {title}\n\n{machine(result['environment'])}. {note}\n\n{table}{tail}\n"
@@ -41,37 +44,61 @@ def split(result, key):
     return None if result is None else dict(result, records=[r for r in result["records"] if key in r])
 
 
+def cuda_sections():
+    """The files of ``benchmarks/gpu_check.sh`` (absent until a GPU run was committed)."""
+    layer_columns = ["kind", "site", "impl", "batch", "fwd_ms", "step_ms", "gflops", "peak_mib", "error"]
+    pyramid_columns = ["kind", "level", "site", "impl", "batch", "step_ms", "gflops", "peak_mib", "error"]
+    return [
+        section("CUDA: layers at their papers' sites, float32", load("layers_cuda.json"), layer_columns,
+                "Batch 64."),
+        section("CUDA: layers at their papers' sites, bfloat16 autocast", load("layers_cuda_bfloat16.json"),
+                layer_columns, "Batch 64."),
+        section("CUDA: ResNet-50 + RGA-SC (fused) vs plain ResNet-50", load("network_resnet50_rga_sc_cuda.json"),
+                ["model", "batch", "step_ms", "samples_per_s", "gflops", "memory_batch", "peak_mib", "time_x",
+                 "memory_x", "gflops_x", "time_per_flop_x"], "Last stride 1, 256x128."),
+        section("CUDA: PFSA and APNet-S comparisons", load("pyramid_sites_cuda.json"), pyramid_columns, ""),
+        section("CUDA: the same under torch.compile", load("pyramid_sites_cuda_compiled.json"), pyramid_columns,
+                "Level 2; no memory probe."),
+    ]
+
+
 def main() -> None:
     default = load("default_cpu.json")
     parts = [
         section("Default run (`make bench`): layers", split(default, "kind"),
-                ["kind", "site", "impl", "batch", "fwd_ms", "fwd_bwd_ms", "gflops", "params", "peak_mib", "error"],
+                ["kind", "site", "impl", "batch", "fwd_ms", "step_ms", "gflops", "params", "peak_mib", "error"],
                 "Each kind at one paper site (RGA and PFSA: layer1; APNet: layer3), batch 8; peak memory of one "
                 "training step at batch 8; 0.5 s of timed runs per row."),
         section("Default run (`make bench`): network", split(default, "model"),
-                ["model", "batch", "fwd_bwd_ms", "gflops", "params", "time_x", "params_x", "gflops_x"],
+                ["model", "batch", "step_ms", "gflops", "params", "time_x", "params_x", "gflops_x", "time_per_flop_x"],
                 "ResNet-50 (last stride 1, 256x128) with fused RGA-SC at layer1..4 vs plain, one training step."),
         section("RGA at the paper's four sites", load("rga_sites_cpu.json"),
-                ["kind", "site", "impl", "fwd_bwd_ms", "gflops", "params", "peak_mib"],
-                "Forward+backward at batch 8; FLOPs at batch 8; peak training-step memory at batch 32."),
+                ["kind", "site", "impl", "step_ms", "gflops", "params", "peak_mib"],
+                "Training step at batch 8; FLOPs at batch 8; peak memory of the same step at batch 32."),
         section("ResNet-50 + RGA-SC (fused) vs plain ResNet-50, last stride 1, 256x128", load(
             "network_resnet50_rga_sc_cpu.json"),
-            ["model", "batch", "fwd_bwd_ms", "samples_per_s", "gflops", "params", "memory_batch", "peak_mib",
-             "time_x", "memory_x", "params_x", "gflops_x"],
-            "Training step (forward+backward) at batch 8; memory at batch 32."),
+            ["model", "batch", "step_ms", "samples_per_s", "gflops", "params", "memory_batch", "peak_mib",
+             "time_x", "memory_x", "params_x", "gflops_x", "time_per_flop_x"],
+            "Training step at batch 8; memory of the same step at batch 32. time/FLOP x = time x / FLOP x: "
+            "1.0 would mean the extra time is exactly the extra forward FLOPs (the floor of the exact maths)."),
+        section("The same networks timed with the accumulate-only step (`--step accumulate`)",
+                load("network_resnet50_rga_sc_cpu_accumulate.json"),
+                ["model", "batch", "step_ms", "gflops", "time_x", "gflops_x", "time_per_flop_x"],
+                "forward().backward(grad) with gradients accumulating: no loss, optimiser or freed gradients."),
         section("PFSA and attention pyramids at their papers' sites", load("pyramid_sites_cpu.json"),
-                ["kind", "level", "site", "impl", "batch", "fwd_bwd_ms", "gflops", "peak_mib"],
+                ["kind", "level", "site", "impl", "batch", "step_ms", "gflops", "peak_mib"],
                 "PFSA at batch 64, APNet at batch 8; peak memory at the timed batch."),
         section("The same comparisons with freed memory retained (`--malloc retain`)",
                 load("pyramid_sites_cpu_retain.json"),
-                ["kind", "level", "site", "impl", "batch", "fwd_bwd_ms", "gflops", "peak_mib"],
+                ["kind", "level", "site", "impl", "batch", "step_ms", "gflops", "peak_mib"],
                 "PFSA (all rows) and APNet-S (fused vs loop) timed with glibc told to reuse freed memory "
                 "instead of mapping each large block afresh."),
         section("RGA-S at the layer1 site as the input grows", load("sweep_rga_s_cpu.json"),
-                ["input", "site", "impl", "batch", "fwd_bwd_ms", "peak_mib", "error"],
+                ["input", "site", "impl", "batch", "step_ms", "peak_mib", "error"],
                 "Batch 16; 'out of memory' = the run did not fit the available memory (capped subprocess)."),
         section("Inference folding (eval forward, RGA-SC)", load("inference_fold_cpu.json"),
                 ["site", "impl", "unfolded_ms", "folded_ms", "speedup"], ""),
+        *cuda_sections(),
     ]
     print("\n".join(p for p in parts if p))
 

@@ -8,7 +8,9 @@ layer1 .. layer4, random init unless ``--weights`` names a state_dict file for i
 checkpoint): with random weights the maps only show the mechanics. The map of a site is the
 attention's per-position gain ``|out| / |in|`` (channel-wise norms of its output and input,
 captured by forward hooks in this script only): for a spatial gate such as RGA-S or PFSA it is
-the gate itself, for a channel attention it is flat up to the channel mix.
+the gate itself, for a channel attention it is flat up to the channel mix. All panels share one
+colour scale (the colorbar), so the sites can be compared; each title names the attention kind
+and whether the weights are random.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
@@ -71,6 +75,28 @@ def attention_maps(model: torch.nn.Module, image: torch.Tensor) -> dict:
     return maps
 
 
+def plot_maps(image: torch.Tensor, maps: dict, out: str, *, kind: str, weights) -> None:
+    """The input, then each site's gain over it, on one shared colour scale with a colorbar."""
+    size = tuple(image.shape[1:])
+    origin = "trained weights" if weights else "random weights"
+    norm = Normalize(min(float(g.min()) for g in maps.values()), max(float(g.max()) for g in maps.values()))
+    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2 * (len(maps) + 1) + 1, 4.4), layout="constrained")
+    axes[0].imshow(image.permute(1, 2, 0).numpy())
+    axes[0].set_title("input", fontsize=8)
+    for ax, (name, gain) in zip(axes[1:], maps.items()):
+        up = F.interpolate(gain[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        ax.imshow(image.permute(1, 2, 0).numpy())
+        ax.imshow(up.numpy(), cmap="jet", norm=norm, alpha=0.5)
+        ax.set_title(f"{name.rsplit('.', 1)[0]}: {kind}\n{tuple(gain.shape)}, {origin}", fontsize=7)
+    for ax in axes:
+        ax.axis("off")
+    fig.colorbar(ScalarMappable(norm=norm, cmap="jet"), ax=list(axes[1:]), shrink=0.8,
+                 label="gain |out| / |in| (one scale for all sites)")
+    source = f" ({weights})" if weights else " (the maps show the mechanics only)"
+    fig.suptitle(f"{kind} attention maps, ResNet-50 at {size[0]}x{size[1]}, {origin}{source}", fontsize=9)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", help="an image file (PNG); default: a synthetic person")
@@ -92,18 +118,7 @@ def main() -> None:
     image = load_image(args.image, size) if args.image else synthetic_person(size)
     maps = attention_maps(model, image)
 
-    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2 * (len(maps) + 1), 4))
-    axes[0].imshow(image.permute(1, 2, 0).numpy())
-    axes[0].set_title("input")
-    for ax, (name, gain) in zip(axes[1:], maps.items()):
-        up = F.interpolate(gain[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-        ax.imshow(image.permute(1, 2, 0).numpy())
-        ax.imshow(up.numpy(), cmap="jet", alpha=0.5)
-        ax.set_title(f"{name.rsplit('.', 1)[0]}\n{tuple(gain.shape)}", fontsize=8)
-    for ax in axes:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=100, bbox_inches="tight")
+    plot_maps(image, maps, args.out, kind=args.attention, weights=args.weights)
     print(f"saved {len(maps)} attention maps ({', '.join(maps)}) to {args.out}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -12,13 +13,15 @@ import pytest
 import torch
 
 import reid_attention as ra
+from reid_attention.bench import cli
 from reid_attention.bench.cli import main, parse_sites
-from reid_attention.bench.measure import count_flops, peak_memory
-from reid_attention.bench.suites import layer_spec
+from reid_attention.bench.measure import count_flops, is_out_of_memory, peak_memory, train_step
+from reid_attention.bench.suites import failed, layer_spec, measure, unreliable_reasons
 
 TINY = ["--kind", "rga_sc", "--sites", "64:16x8", "--batch", "2", "--repeat", "0.01", "--quiet"]
-RECORD_FIELDS = {"kind", "site", "impl", "batch", "dtype", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_iqr_ms",
-                 "samples_per_s", "gflops", "params", "memory_batch", "peak_mib"}
+RECORD_FIELDS = {"kind", "site", "impl", "batch", "dtype", "step", "fwd_ms", "fwd_runs", "step_ms", "step_iqr_ms",
+                 "step_runs", "samples_per_s", "gflops", "params", "memory_batch", "peak_mib", "unreliable"}
+PAPER_RGA_SITES = [(256, (64, 32)), (512, (32, 16)), (1024, (16, 8)), (2048, (16, 8))]
 
 
 def rga_flops(kind, channels, feat_size, batch, impl, cr=8, sr=8, dr=8):
@@ -57,11 +60,14 @@ def test_flop_count_matches_hand_formula(kind, impl, channels, feat_size):
 
 
 def test_paper_model_flop_reduction_from_formula():
-    """The design's claim: fused RGA-SC over the four paper sites needs >= 5.5x fewer FLOPs."""
-    sites = [(256, (64, 32)), (512, (32, 16)), (1024, (16, 8)), (2048, (16, 8))]
-    ref = sum(rga_flops("rga_sc", c, fs, 1, "reference") for c, fs in sites)
-    fused = sum(rga_flops("rga_sc", c, fs, 1, "fused") for c, fs in sites)
-    assert ref / fused >= 5.5
+    """The design's claim: fused RGA-SC over the four paper sites needs >= 5.5x fewer FLOPs,
+    counted by the library on the real modules and equal to the hand formula."""
+    counted = {}
+    for impl in ("reference", "fused"):
+        counted[impl] = sum(count_flops(ra.create_attention("rga_sc", c, feat_size=fs, impl=impl),
+                                        torch.randn(1, c, *fs)) for c, fs in PAPER_RGA_SITES)
+        assert counted[impl] == sum(rga_flops("rga_sc", c, fs, 1, impl) for c, fs in PAPER_RGA_SITES)
+    assert counted["reference"] / counted["fused"] >= 5.5
 
 
 @pytest.mark.parametrize("fmt", ["table", "markdown", "csv", "json"])
@@ -76,7 +82,9 @@ def test_cli_layers_every_format(fmt, capsys, tmp_path):
         assert len(data["records"]) == 2
         for r in data["records"]:
             assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
-            assert r["fwd_bwd_ms"] > 0 and r["gflops"] > 0 and r["peak_mib"] >= 0 and r["params"] > 0
+            assert r["step_ms"] > 0 and r["gflops"] > 0 and r["params"] > 0 and r["peak_mib"] >= 0
+            assert r["step"] == "optimizer" and isinstance(r["unreliable"], list)
+        assert data["environment"]["step"] == "optimizer"
         assert {r["impl"] for r in data["records"]} == {"reference", "fused"}
     elif fmt == "csv":
         rows = list(csv.DictReader(io.StringIO(text)))
@@ -85,7 +93,7 @@ def test_cli_layers_every_format(fmt, capsys, tmp_path):
     elif fmt == "markdown":
         assert "| kind | site | impl |" in text and "| rga_sc | 64:16x8 | fused |" in text
     else:
-        assert "fwd+bwd ms" in text and "rga_sc" in text and "2 x multiply-adds" in text
+        assert "step ms" in text and "rga_sc" in text and "2 x multiply-adds" in text and "SGD momentum" in text
 
 
 def test_cli_sweep_writes_plot(tmp_path, capsys):
@@ -118,12 +126,11 @@ def test_module_entry_point():
     assert bad.returncode == 2 and "available: bench" in bad.stderr
 
 
-def test_parse_sites_and_bad_kind():
+def test_parse_sites():
     assert parse_sites("256:64x32,512:32x16") == [(256, (64, 32)), (512, (32, 16))]
-    with pytest.raises(Exception, match="C:HxW"):
-        parse_sites("256-64x32")
-    with pytest.raises(SystemExit, match="unknown --kind nope"):
-        main(["layers", "--kind", "nope", "--quiet"])
+    for bad in ("256-64x32", "256:0x32", "0:64x32", ""):
+        with pytest.raises(Exception, match="C:HxW"):
+            parse_sites(bad)
 
 
 def test_cli_network_overhead(capsys):
@@ -183,3 +190,254 @@ def test_malloc_option_is_validated_and_recorded(capsys):
         set_malloc("jemalloc")
     assert main(["layers", *TINY, "--format", "json", "--malloc", "system"]) == 0
     assert json.loads(capsys.readouterr().out)["environment"]["malloc"] == "system"
+
+
+# --- the timed training step ---------------------------------------------------------------------
+
+
+def _tiny_layer():
+    torch.manual_seed(0)
+    return ra.create_attention("rga_s", 16, feat_size=(4, 2)), torch.randn(2, 16, 4, 2, requires_grad=True)
+
+
+def test_optimizer_step_updates_weights_and_frees_gradients():
+    module, x = _tiny_layer()
+    before = [p.detach().clone() for p in module.parameters()]
+    step = train_step(module, x)
+    step()
+    assert all(p.grad is None for p in module.parameters()) and x.grad is None  # zero_grad(set_to_none=True)
+    assert any(not torch.equal(a, p) for a, p in zip(before, module.parameters()))  # the optimiser stepped
+    assert x.requires_grad  # the layer's input gradient is computed (and dropped), as mid-network
+
+
+def test_accumulate_step_accumulates():
+    module, x = _tiny_layer()
+    before = [p.detach().clone() for p in module.parameters()]
+    step = train_step(module, x, step="accumulate")
+    step()
+    first = [p.grad.clone() for p in module.parameters()]
+    step()
+    for g1, p in zip(first, module.parameters()):
+        torch.testing.assert_close(p.grad, 2 * g1)  # eval-independent: BN in train mode, same batch
+    assert all(torch.equal(a, p) for a, p in zip(before, module.parameters()))
+    with pytest.raises(ValueError, match="step must be one of"):
+        train_step(module, x, step="adam")
+
+
+def test_parameter_free_layer_trains_without_an_optimizer():
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    train_step(ra.create_attention("pfsa", 8), x)()
+    assert x.grad is None
+
+
+def test_network_spec_images_need_no_gradient():
+    from reid_attention.bench.suites import network_spec
+
+    spec = network_spec("resnet18", "rga_s", (64, 32), batch=2)
+    assert spec["input_grad"] is False and spec["step"] == "optimizer"
+
+
+# --- failures: out of memory is a result, anything else an error ---------------------------------
+
+_FAILING = '''
+import torch
+
+class Fails(torch.nn.Module):
+    def __init__(self, exc):
+        super().__init__()
+        self.exc = exc
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        if self.exc == "runtime":
+            raise RuntimeError("boom: not a memory problem")
+        if self.exc == "oom":
+            raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1 GB")
+        return x * self.w
+
+def make(name, channels, feat_size, impl=None):
+    return Fails(name)
+'''
+
+
+@pytest.mark.parametrize("exc,is_failure", [("runtime", True), ("oom", False)])
+def test_measure_classifies_errors(tmp_path, exc, is_failure):
+    path = tmp_path / "failing.py"
+    path.write_text(_FAILING)
+    spec = layer_spec(exc, 4, (2, 2), batch=2, impl=None, factory=f"{path}:make")
+    record = measure(spec, {"kind": exc}, memory_batch=0, min_run_time=0.01)
+    assert record["error"].startswith("RuntimeError: ")
+    assert record["oom"] is (not is_failure) and failed(record) is is_failure
+
+
+def test_is_out_of_memory():
+    assert is_out_of_memory(MemoryError()) and is_out_of_memory("CUDA out of memory. Tried to allocate 2 GiB")
+    assert is_out_of_memory("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB")
+    assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory("exit 1: ValueError")
+
+
+def _fake_row(**fields):
+    return {"kind": "rga_sc", "site": "64:16x8", "impl": "fused", "batch": 2, "step_ms": 1.0, **fields}
+
+
+@pytest.mark.parametrize("error,oom,status", [(None, None, 0), ("out of memory", True, 0),
+                                              ("RuntimeError: boom", False, 1)])
+def test_exit_status_of_the_cli(monkeypatch, capsys, error, oom, status):
+    """A row that failed other than by running out of memory makes the command exit 1."""
+    row = _fake_row(error=error, oom=oom)
+    monkeypatch.setattr(cli, "measure_layer", lambda spec, **kw: dict(row))
+    assert main(["layers", *TINY]) == status
+    err = capsys.readouterr().err
+    assert ("rga_sc 64:16x8 fused failed: RuntimeError: boom" in err) is (status == 1)
+
+
+# --- unreliable timings ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields,expected", [
+    ({"step_ms": 10.0, "step_iqr_ms": 1.0, "step_runs": 5, "fwd_ms": 4.0, "fwd_iqr_ms": 0.2, "fwd_runs": 9}, []),
+    ({"step_ms": 10.0, "step_iqr_ms": 2.0, "step_runs": 5}, []),  # exactly 20%: not above
+    ({"step_ms": 10.0, "step_iqr_ms": 0.0, "step_runs": 1}, ["step: a single measured block"]),
+    ({"step_ms": 10.0, "step_iqr_ms": 2.5, "step_runs": 5}, ["step: IQR 25% of the median"]),
+    ({"step_ms": 10.0, "step_iqr_ms": 1.0, "step_runs": 5, "fwd_ms": 12.0, "fwd_iqr_ms": 4.0, "fwd_runs": 1},
+     ["forward: a single measured block", "forward: IQR 33% of the median", "forward slower than the whole step"]),
+    ({}, []),  # nothing timed (an out-of-memory row): nothing to judge
+])
+def test_unreliable_reasons(fields, expected):
+    assert unreliable_reasons(fields) == expected
+
+
+def _result(records):
+    env = {"date": "2026-01-01", "device_name": "cpu", "threads": 2, "torch": "x", "dtype": "float32",
+           "step_text": "forward + ..."}
+    return {"environment": env, "records": records, "tables": [(records, cli.LAYER_COLUMNS)]}
+
+
+def test_unreliable_rows_are_flagged_in_every_format():
+    rows = [_fake_row(unreliable=[]), _fake_row(impl="reference", unreliable=["step: a single measured block"])]
+    table = cli.render(_result(rows), "table").splitlines()
+    body = [line for line in table if "rga_sc" in line and "64:16x8" in line and not line.startswith("! rga")]
+    assert [line.startswith("!") for line in body] == [False, True]
+    assert "! rga_sc 64:16x8 reference: step: a single measured block" in table
+    assert "| ! | rga_sc | 64:16x8 | reference |" in cli.render(_result(rows), "markdown")
+    csv_rows = list(csv.DictReader(io.StringIO(cli.render(_result(rows), "csv"))))
+    assert [r["unreliable"] for r in csv_rows] == ["", "step: a single measured block"]
+    assert json.loads(cli.render(_result(rows), "json"))["records"][1]["unreliable"] == rows[1]["unreliable"]
+    clean = cli.render(_result([rows[0]]), "table")
+    assert "!" not in clean
+
+
+def test_overhead_ratios():
+    plain = {"model": "r", "step_ms": 100.0, "peak_mib": 50.0, "params": 10, "gflops": 2.0}
+    wrapped = {"model": "r + a", "step_ms": 150.0, "peak_mib": 60.0, "params": 12, "gflops": 2.5}
+    cli.with_overhead([plain, wrapped])
+    assert (wrapped["time_x"], wrapped["memory_x"], wrapped["gflops_x"]) == (1.5, 1.2, 1.25)
+    assert wrapped["time_per_flop_x"] == pytest.approx(1.2) and plain["time_per_flop_x"] == 1
+
+
+# --- a CLI that survives users --------------------------------------------------------------------
+
+BAD_ARGUMENTS = [
+    (["layers", "--sites", "foo"], "--sites: expected 'paper', 'first', 'default' or C:HxW"),
+    (["layers", "--sites", "256:0x32"], "positive"),
+    (["layers", "--kind", "nope"], "unknown attention kind 'nope'"),
+    (["layers", "--impl", "foo"], "unknown impl 'foo'; expected reference, fused"),
+    (["layers", "--batch", "0"], "--batch: expected a positive integer"),
+    (["layers", "--repeat", "-1"], "--repeat: expected a positive number"),
+    (["layers", "--device", "tpu"], "expected cpu, cuda or cuda:N"),
+    (["network", "--backbone", "notamodel"], "unknown torchvision classification model 'notamodel'"),
+    (["network", "--attention", "rgasc"], "did you mean 'rga_sc'?"),
+    (["network", "--input-size", "256x0"], "expected HxW with positive H and W"),
+    (["network", "--sites", "layer9"], "cannot build resnet50 + rga_sc: unknown site(s) ['layer9']"),
+    (["network", "--backbone", "mobilenet_v2"], "--last-stride 0"),
+    (["sweep", "--resolutions", "2x2"], "cannot build rga_s at site 256:0x0"),
+    (["--kind", "rga_s"], "--kind is an option of bench layers and bench sweep"),
+    (["network", "--kind", "rga_s"], "--kind is an option of bench layers"),
+    (["layer", "--batch", "2"], "'layer' is not a command (expected one of layers, network, sweep, default)"),
+]
+if not torch.cuda.is_available():
+    BAD_ARGUMENTS.append((["layers", "--device", "cuda"], "CUDA is not available here"))
+
+
+@pytest.mark.parametrize("argv,expected", BAD_ARGUMENTS, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
+def test_bad_arguments_get_one_line_and_status_2(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "error: " in lines[0] and expected in lines[0], captured.err
+    assert captured.out == ""
+
+
+def test_misplaced_option_hint_from_the_module_entry_point():
+    done = subprocess.run([sys.executable, "-m", "reid_attention", "bench", "--kind", "rga_s"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "e.g. reid-attention bench layers --kind rga_s" in done.stderr
+
+
+def test_help_is_plain_text_and_shows_every_default():
+    parser = cli.build_parser()
+    for name, sub in parser.commands.items():
+        text = sub.format_help()
+        assert "``" not in text and ":func:" not in text and "None" not in text, name
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, (name, action.option_strings)
+                assert "(default" in cli._HelpFormatter("x")._get_help_string(action), (name, action.option_strings)
+    assert "``" not in parser.format_help()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"reid-attention {ra.__version__}"
+
+
+def test_out_file_survives_a_broken_pipe(tmp_path):
+    """``... --format json --out r.json | head -c 20``: the file is complete, no traceback."""
+    out = tmp_path / "r.json"
+    command = [sys.executable, "-m", "reid_attention", "bench", "layers", *TINY, "--impl", "fused",
+               "--memory-batch", "0", "--format", "json", "--out", str(out)]
+    reader = subprocess.Popen(["head", "-c", "20"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    done = subprocess.run(command, stdout=reader.stdin, stderr=subprocess.PIPE, text=True)
+    reader.stdin.close()
+    reader.wait()
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert json.loads(out.read_text())["records"][0]["impl"] == "fused"
+
+
+def test_top_level_version(capsys):
+    from reid_attention.__main__ import main as top_main
+
+    assert top_main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"reid-attention {ra.__version__}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_cli_layers_on_cuda(capsys):
+    """The CUDA paths: the in-process memory probe and the optimiser step on the GPU."""
+    assert main(["layers", *TINY, "--device", "cuda", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["environment"]["device"] == "cuda"
+    assert all(r["peak_mib"] > 0 and r["step_ms"] > 0 and not r.get("error") for r in data["records"])
+
+
+# --- benchmarks/gpu_check.sh ------------------------------------------------------------------------
+
+GPU_CHECK = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+
+
+def test_gpu_check_script_is_valid_bash_and_lists_its_steps():
+    subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
+    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], capture_output=True, text=True, check=True)
+    steps = ["cuda_tests", "layers_float32", "layers_bfloat16", "network", "pyramid_eager", "pfsa_compiled",
+             "apnet_s_compiled"]
+    listed = [line.split()[0] for line in done.stdout.splitlines()[1:]]
+    assert listed == steps, done.stdout
+    assert "pytest tests -q -k cuda" in done.stdout and "--dtype bfloat16" in done.stdout
+    assert "--compile" in done.stdout and "--device cuda" in done.stdout
+    bad = subprocess.run(["bash", str(GPU_CHECK), "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage:" in bad.stderr

@@ -12,17 +12,19 @@ import pickle
 
 import pytest
 import torch
-from all_kinds import (
+from helpers import (
     CHANNEL_TIED,
     CHANNELS,
     FEAT_SIZE,
     KINDS,
     SIZE_TIED,
+    assert_gates_vary,
+    assert_same_step,
     build,
     kind_impl_params,
     make_input,
+    run_step,
 )
-from conftest import assert_same_step, run_step
 
 import reid_attention as ra
 
@@ -110,21 +112,30 @@ def test_any_size_accepted_when_not_size_tied(kind, impl, size):
     assert y.shape == (2, CHANNELS, *size) and torch.isfinite(y).all() and torch.isfinite(grad).all()
 
 
-# The message names the width that would be zero, or the split that cannot happen.
-ONE_BY_ONE_REFUSAL = dict.fromkeys(["rga_s", "rga_c", "rga_sc"], "1 // 8 = 0") | {"apnet_s": "H = 1"}
-
-
 @pytest.mark.parametrize("kind", SIZE_TIED)
 def test_one_by_one_map(kind):
-    """Refused at construction with the default ratios; built with ratios 1, it runs."""
-    _assert_refused(ValueError, lambda: ra.create_attention(kind, CHANNELS, (1, 1)), ONE_BY_ONE_REFUSAL[kind])
-    kw = {"spatial_ratio": 1, "down_ratio": 1} | ({"levels": 1} if kind == "apnet_s" else {})
-    m = ra.create_attention(kind, CHANNELS, (1, 1), **kw).double()
-    y, grad, _, _ = run_step(m, make_input(2, size=(1, 1)))
-    assert y.shape == (2, CHANNELS, 1, 1) and torch.isfinite(y).all() and torch.isfinite(grad).all()
+    """Built with the default arguments (width floors; APNet-S picks level 1 for an odd
+    height) and runs, forward and backward, in both modes."""
+    m = ra.create_attention(kind, CHANNELS, (1, 1)).double()
+    for train in (False, True):
+        y, grad, _, _ = run_step(m.train(train), make_input(2, size=(1, 1)))
+        assert y.shape == (2, CHANNELS, 1, 1) and torch.isfinite(y).all() and torch.isfinite(grad).all()
 
 
 # --- values --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("kind,impl", ALL)
+def test_gates_vary(kind, impl, train):
+    """build()'s modules gate non-trivially in both modes, so every comparison on them can fail:
+    with statistics unrelated to the data, an eval-mode W network's ReLU can be dead at every
+    position and the gate constant (a path swapping the relation's rows and columns then
+    agrees with the correct one). APNet-S level 1 alone checks its agent by itself."""
+    m = build(kind, impl).train(train)
+    assert_gates_vary(kind, m, make_input(3, seed=7))
+    if kind == "apnet_s":
+        assert_gates_vary(kind, build(kind, impl, levels=1).train(train), make_input(3, seed=7))
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
@@ -134,6 +145,7 @@ def test_non_finite_input_propagates(kind, impl, value):
     without the poison. Training: no crash (batch statistics spread it to every sample)."""
     m = build(kind, impl).eval()
     x = make_input(2)
+    assert_gates_vary(kind, m, x)
     poisoned = x.clone()
     poisoned[0, 0, 0, 0] = value
     with torch.no_grad():
@@ -191,6 +203,7 @@ def test_batch_of_one(kind, impl):
     at the boundary by the kinds that normalise pooled features with BatchNorm."""
     m = build(kind, impl).eval()
     x = make_input(3)
+    assert_gates_vary(kind, m, x)
     with torch.no_grad():
         torch.testing.assert_close(m(x[1:2]), m(x)[1:2], **EXACT)
     m.train()
@@ -222,6 +235,7 @@ def test_memory_layouts(kind, impl, train, layout):
     """Same output, gradients and statistics as the contiguous input; channels_last kept."""
     m = build(kind, impl).train(train)
     x = make_input(2)
+    assert_gates_vary(kind, m, x)
     x_other = _layouts(x)[layout]
     got = run_step(copy.deepcopy(m), x_other)
     assert_same_step(got, run_step(m, x))
@@ -266,6 +280,7 @@ def test_state_dict_round_trip(kind, impl):
     """Strict load into a differently initialised module, of either path, gives the same function."""
     m = build(kind, impl).eval()
     x = make_input(2)
+    assert_gates_vary(kind, m, x)
     for target_impl in ("reference", "fused"):
         other = build(kind, target_impl, seed=1).eval()
         other.load_state_dict(m.state_dict(), strict=True)

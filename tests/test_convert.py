@@ -1,10 +1,12 @@
 """ra.convert on synthetic official checkpoints.
 
-The official networks are rebuilt here with the official module names (so their state_dicts have
-the official keys and shapes) and an independent forward that follows the official code:
-microsoft/Relation-Aware-Global-Attention-Networks (ResNet50_RGA_Model with RGA_Branch) and
-CHENGY12/APNet (Baseline, level 2, with SELayer / SAMS / BN2d). A converted checkpoint must
-load strictly into the preset and give the same features.
+The official networks are rebuilt here from torchvision and torch.nn alone (no reid_attention
+code), with the official module names (so their state_dicts have the official keys and shapes)
+and an independent forward that follows the official code:
+microsoft/Relation-Aware-Global-Attention-Networks (ResNet50_RGA_Model with RGA_Branch, its
+RGA_Module from tests/official_rga.py) and CHENGY12/APNet (Baseline, level 2, with SELayer /
+SAMS / BN2d). A converted checkpoint must load strictly into the preset and give the same
+features.
 """
 
 from __future__ import annotations
@@ -13,25 +15,34 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
-from conftest import randomize_bn
+from helpers import calibrate_bn, randomize_bn
+from official_rga import OfficialRGAModule
 from torch import nn
 
 import reid_attention as ra
 
 SIZE = (64, 32)
-RGA_RATIOS = dict(spatial_ratio=2, down_ratio=4)
+# At 64x32 input the official default ratios (8, 8, 8) leave zero widths at the 4x2 maps; these
+# keep every width >= 1, so our floors stay inactive and the modules equal the official ones.
+SPA_RATIO, DOWN_RATIO = 2, 4
+RGA_RATIOS = dict(spatial_ratio=SPA_RATIO, down_ratio=DOWN_RATIO)
 TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 
 def resnet50_last_stride_1() -> nn.Module:
-    return ra.set_last_stride(tvm.resnet50(weights=None), 1)
+    """torchvision's ResNet-50 with layer4's stride 2 set to 1 (its conv2 and downsample), as in
+    both official repositories."""
+    resnet = tvm.resnet50(weights=None)
+    resnet.layer4[0].conv2.stride = (1, 1)
+    resnet.layer4[0].downsample[0].stride = (1, 1)
+    return resnet
 
 
 # --------------------------------------------------------------------------- official RGA
 
 
 class OfficialRGABranch(nn.Module):
-    """RGA_Branch: a ResNet-50 trunk with rga_att1..4 (official RGA_Module names = ra.RGA's)."""
+    """RGA_Branch: a ResNet-50 trunk with rga_att1..4 (official RGA_Module, built for each map)."""
 
     def __init__(self, spatial=True, channel=True):
         super().__init__()
@@ -40,7 +51,8 @@ class OfficialRGABranch(nn.Module):
             self.add_module(name, getattr(resnet, name))
         h, w = SIZE
         for i, (channels, stride) in enumerate([(256, 4), (512, 8), (1024, 16), (2048, 16)], 1):
-            rga = ra.RGA(channels, (h // stride, w // stride), spatial=spatial, channel=channel, **RGA_RATIOS)
+            rga = OfficialRGAModule(channels, (h // stride) * (w // stride), use_spatial=spatial,
+                                    use_channel=channel, cha_ratio=8, spa_ratio=SPA_RATIO, down_ratio=DOWN_RATIO)
             self.add_module(f"rga_att{i}", rga)
 
     def forward(self, x):
@@ -67,13 +79,42 @@ class OfficialRGAModel(nn.Module):
 
 @pytest.fixture(scope="module")
 def official_rga():
+    """Random weights, BatchNorm statistics calibrated on a batch of images: with random ones the
+    eval-mode gates are nearly constant at some sites, where a converter that mixed up the
+    relation's sub-networks (theta_spatial <-> phi_spatial) would still give the same features.
+    Float64: with live gates float32 rounding through ResNet-50 reaches 4e-4 of features ~2."""
     torch.manual_seed(0)
-    return randomize_bn(OfficialRGAModel()).eval()
+    model = randomize_bn(OfficialRGAModel()).double()
+    calibrate_bn(model.backbone, images(4, seed=3))
+    return model.eval()
+
+
+def images(batch: int = 2, seed: int = 5, dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(batch, 3, *SIZE, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def test_official_rga_gates_vary_at_every_site(official_rga):
+    """The comparison below can fail: on its images every site's spatial logits vary across
+    positions and its channel logits across channels (standard deviation, averaged over the
+    batch, >= 0.1)."""
+    sites = [getattr(official_rga.backbone, f"rga_att{i}") for i in range(1, 5)]
+    for site in sites:
+        site.recorded = []
+    try:
+        with torch.no_grad():
+            official_rga.pooled(images())
+        for i, site in enumerate(sites, 1):
+            spatial, channel = site.recorded
+            assert spatial.std((2, 3)).mean() >= 0.1, f"rga_att{i}: spatial logits nearly constant"
+            assert channel.std(1).mean() >= 0.1, f"rga_att{i}: channel logits nearly constant"
+    finally:
+        for site in sites:
+            site.recorded = None
 
 
 @pytest.fixture(scope="module")
 def rga_preset():
-    return ra.presets.rga_resnet50(input_size=SIZE, **RGA_RATIOS).eval()
+    return ra.presets.rga_resnet50(input_size=SIZE, **RGA_RATIOS).double().eval()
 
 
 @pytest.mark.parametrize("form", ["model", "checkpoint", "data_parallel", "branch_only"])
@@ -87,9 +128,9 @@ def test_rga_checkpoint_forms_load_strictly_and_match(official_rga, rga_preset, 
     }[form]
     converted = ra.convert.from_official_rga(checkpoint)
     rga_preset.load_state_dict(converted, strict=True)
-    x = torch.randn(2, 3, *SIZE)
+    x = images()
     with torch.no_grad():
-        torch.testing.assert_close(rga_preset(x), official_rga.pooled(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(rga_preset(x), official_rga.pooled(x), rtol=1e-9, atol=1e-10)
 
 
 def test_rga_key_mapping(official_rga):

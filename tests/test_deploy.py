@@ -20,8 +20,16 @@ import functools
 
 import pytest
 import torch
-from all_kinds import KINDS, build, calibrate_bn, kind_impl_params, make_input
-from conftest import assert_same_step, run_step
+from helpers import (
+    KINDS,
+    assert_gates_vary,
+    assert_same_step,
+    build,
+    calibrate_bn,
+    kind_impl_params,
+    make_input,
+    run_step,
+)
 from torch.export import Dim
 
 BATCH = Dim("batch", min=1)
@@ -42,6 +50,7 @@ def _check_compiled(kind: str, impl: str, train: bool, backend: str) -> None:
     compiled = copy.deepcopy(eager)
     compiled.compile(fullgraph=True, backend=backend)  # in place: parameter names unchanged
     x = make_input(3)
+    assert_gates_vary(kind, copy.deepcopy(eager), x)  # a constant gate would hide a wrong relation graph
     assert_same_step(run_step(compiled, x), run_step(eager, x))
 
 
@@ -76,6 +85,7 @@ def _exported(kind: str, impl: str, dtype: torch.dtype):
 @pytest.mark.parametrize("kind,impl", kind_impl_params())
 def test_export_dynamic_batch(kind, impl):
     module, program = _exported(kind, impl, torch.float64)
+    assert_gates_vary(kind, module, make_input(2))
     for batch in (1, 2, 5):
         x = make_input(batch, seed=batch)
         with torch.no_grad():
@@ -87,6 +97,7 @@ def test_onnx_dynamic_batch(kind, impl):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     module, program = _exported(kind, impl, torch.float32)
+    assert_gates_vary(kind, module, make_input(2, dtype=torch.float32))
     onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
     session = ort.InferenceSession(
         onnx_program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
@@ -108,7 +119,9 @@ def test_onnx_dynamic_batch(kind, impl):
 MIXED_TOL = {torch.bfloat16: (0.03, 0.25), torch.float16: (0.005, 0.12)}
 MIXED_CASES = [
     pytest.param(device, dtype, id=f"{device}-{str(dtype)[6:]}")
-    for device, dtype in [("cpu", torch.bfloat16), ("cuda", torch.bfloat16), ("cuda", torch.float16)]
+    for device, dtype in [
+        ("cpu", torch.bfloat16), ("cpu", torch.float16), ("cuda", torch.bfloat16), ("cuda", torch.float16)
+    ]
 ]
 
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reid_attention as ra
-from conftest import assert_same_step, randomize_bn, run_step, twins
+from helpers import assert_same_step, randomize_bn, run_step, twins
 
 RGA_KINDS = {"rga_s": (True, False), "rga_c": (False, True), "rga_sc": (True, True)}
 PAPER_SITES = [(256, (64, 32)), (512, (32, 16)), (1024, (16, 8)), (2048, (16, 8))]

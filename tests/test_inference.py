@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from all_kinds import KINDS, build, kind_impl_params, make_input
-from conftest import randomize_bn
+from helpers import KINDS, assert_gates_vary, build, kind_impl_params, make_input, randomize_bn
 from torch import nn
 
 import reid_attention as ra
@@ -28,6 +27,7 @@ def test_folded_equals_eval_module(kind, impl):
     for key, value in module.state_dict().items():
         assert torch.equal(value, before[key]), f"fuse_for_inference changed the original's {key}"
     x = make_input(3)
+    assert_gates_vary(kind, folded, x)  # a constant gate would hide a wrong fold upstream of it
     with torch.no_grad():
         torch.testing.assert_close(folded(x), module.eval()(x), **TOL)
 

@@ -21,6 +21,8 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.models.swin_transformer import SwinTransformer
 
 import reid_attention as ra
+from insertion_checks import KINDS, SIZES, check_default_insertion, check_real_step
+from reid_attention._common import SITE_ATTR
 from reid_attention.insert import NHWCAdapter, fx_leaf_modules
 
 
@@ -243,6 +245,96 @@ def test_kwargs_reach_the_attention():
     assert rga.gg_spatial[0].out_channels == 16 * 8 // 4
 
 
+# --------------------------------------------------------------------------- default insertion, every kind
+
+# Their auxiliary heads run in training mode only and need about 299x299 input (Inception's 5x5
+# conv meets a 4x1 map at 256x128): the backbones' own limit, not the attention's.
+NO_AUX = {"googlenet": {"aux_logits": False}, "inception": {"aux_logits": False}}
+# Inputs the backbone itself cannot take: Inception v3's unpadded convolutions leave a 6x2 map
+# for a 3x3 kernel at 128x64 (the probe reports it; so does the plain model).
+TOO_SMALL = {("inception", (128, 64)): r"shape probe could not run Inception3 on a \(B, 3, 128, 64\)"}
+
+
+def size_id(size):
+    return f"{size[0]}x{size[1]}"
+
+
+@pytest.mark.filterwarnings("ignore:.*meta parameter")
+@pytest.mark.parametrize("size", SIZES, ids=size_id)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_default_insertion_of_every_kind(family, size):
+    """Every kind with the default sites on every family at the three input sizes (meta device)."""
+    builder, kwargs, _, _ = FAMILIES[family]
+    model = build(builder, **kwargs, **NO_AUX.get(family, {})).to("meta").train()
+    if (family, size) in TOO_SMALL:
+        for kind in KINDS:
+            with pytest.raises(ValueError, match=TOO_SMALL[family, size]):
+                ra.insert_attention(model, kind, input_size=size)
+        return
+    check_default_insertion(model, size)
+
+
+@pytest.mark.parametrize("family", ["resnet18", "swin"])
+def test_default_insertion_trains_for_real(family):
+    """Real forward and backward of every kind at 128x64 (an NCHW and an NHWC family)."""
+    torch.manual_seed(0)
+    check_real_step(REAL[family][0](), (128, 64))
+
+
+def test_probe_sees_through_inserted_attention():
+    model = build(tvm.resnet50)
+    before = ra.list_sites(model, (256, 128))
+    ra.insert_attention(model, "rga_s", sites="layer1", input_size=(256, 128))
+    assert ra.list_sites(model, (256, 128)) == before
+    plain = build(tvm.resnet50)
+    assert ra.list_sites(model, (384, 128), stages_only=False) == ra.list_sites(plain, (384, 128), stages_only=False)
+    ra.insert_attention(model, "pfsa", sites="layer4", input_size=(256, 128))  # kinds mix
+    assert isinstance(model.layer1.attention, ra.RGA)
+    assert isinstance(model.layer4.attention, ra.ParameterFreeSpatialAttention)
+    with pytest.raises(ValueError, match=r"unknown site\(s\) \['layer9'\]"):  # not hidden by a probe failure
+        ra.insert_attention(model, "pfsa", sites="layer9", input_size=(256, 128))
+    with torch.no_grad():
+        assert model(torch.empty(2, 3, 256, 128, device="meta")).shape == (2, 1000)
+
+
+def test_inserted_modules_carry_their_site():
+    swin = ra.insert_attention(build(tvm.swin_t), "rga_s", sites=["features.1"], input_size=(64, 64))
+    adapter = swin.features[1].attention
+    assert getattr(adapter, SITE_ATTR) == getattr(adapter.attention, SITE_ATTR) == "features.1"
+    assert fx_leaf_modules(swin) == [ra.RGA]
+    with pytest.raises(ValueError, match=r"RGA at site 'features.1' built for feat_size \(16, 16\), got input "
+                                         r"8x8.*input_size=.*ra.resize_attention\(model, input_size\)"):
+        swin(torch.empty(2, 3, 32, 32, device="meta"))
+
+
+def single_site_model() -> nn.Module:
+    """Images -> one 256-channel map at stride 8 (32x16 for 256x128 input), the only default site."""
+    return nn.Sequential(nn.AvgPool2d(8), nn.Conv2d(3, 256, 1))
+
+
+def rms(t):
+    return t.square().mean().sqrt()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_as_inserted_keeps_the_map_scale(kind):
+    """Eval mode, default init, a positive (2, 256, 32, 16) map: the output keeps at least 0.1x the
+    input's RMS (the official PFSA map sums to 1 over 512 positions: about 0.002x)."""
+    torch.manual_seed(0)
+    model = ra.insert_attention(single_site_model(), kind, input_size=(256, 128))
+    attention = model[1].attention.eval()
+    x = torch.rand(2, 256, 32, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rms(attention(x)) >= 0.1 * rms(x)
+
+
+def test_official_pfsa_on_request():
+    model = ra.insert_attention(single_site_model(), "pfsa", input_size=(256, 128), preserve_scale=False)
+    assert not model[1].attention.preserve_scale
+    x = torch.rand(2, 256, 32, 16, generator=torch.Generator().manual_seed(0))
+    assert rms(model[1].attention(x)) < 0.01 * rms(x)
+
+
 # --------------------------------------------------------------------------- insertion, numerics
 
 REAL = {
@@ -424,14 +516,24 @@ def test_unknown_attention_and_bad_factories():
     assert len(list(model.modules())) == len(list(build(tvm.resnet18).modules()))  # nothing inserted
 
 
-def test_sizes_the_attention_cannot_take():
+def test_build_errors_name_the_site_and_the_argument_to_change():
     model = build(tvm.resnet18)
-    # layer2 of a 64x32 input is 8x4: RGA-S with the default ratios has no channels left there.
-    with pytest.raises(ValueError, match=r"built for site 'layer2' \(128 channels, feat_size \(8, 4\)"):
-        ra.insert_attention(model, "rga_s", input_size=(64, 32))
-    with pytest.raises(ValueError, match="site 'layer1'.*not divisible"):
+    # layer1 of a 68x32 input is 17x8: no level above 1 splits 17 rows into stripes.
+    with pytest.raises(ValueError, match=r"built for site 'layer1' \(64 channels, feat_size \(17, 8\)\).*"
+                                         r"levels=1.*; pass levels= through insert_attention\(\.\.\., \*\*kwargs\)"):
         ra.insert_attention(model, "apnet_s", sites=["layer1"], input_size=(68, 32), levels=3)
-    assert not any(isinstance(m, ra.RGA) for m in model.modules())  # nothing half-inserted
+    with pytest.raises(ValueError, match=r"site 'layer1'.*channel_ratio must be >= 1.*pass channel_ratio= through"):
+        ra.insert_attention(model, "rga_s", input_size=(64, 32), channel_ratio=0)
+    with pytest.raises(TypeError, match=r"site 'layer1'.*unexpected keyword argument 'levels'"):
+        ra.insert_attention(model, "rga_s", input_size=(64, 32), levels=2)
+    assert not any(isinstance(m, (ra.RGA, ra.APNetS)) for m in model.modules())  # nothing half-inserted
+
+
+def test_small_maps_build_with_the_default_ratios():
+    model = build(tvm.resnet18)  # 64x32 input: layer2 8x4, layer4 2x1, where the formulas give 0
+    ra.insert_attention(model, "rga_sc", input_size=(64, 32))
+    assert model.layer4.attention.feat_size == (2, 1)
+    assert model.layer2.attention.widths["spatial"].hidden == 1  # (1 + 32 // 8) // 8 = 0, floored
 
 
 def test_already_wrapped_site_is_refused():

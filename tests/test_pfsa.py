@@ -61,6 +61,48 @@ def test_softmax_is_softmax_over_positions(impl):
     torch.testing.assert_close(m.pool(x), (x * a).sum((2, 3)))
 
 
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("normalize", ["sum", "softmax"])
+def test_preserve_scale_is_the_official_map_times_positions(impl, normalize):
+    x = torch.rand(3, 16, 12, 4, dtype=torch.float64) + 0.1
+    official, scaled = PFSA(normalize=normalize, impl=impl), PFSA(normalize=normalize, impl=impl, preserve_scale=True)
+    a = scaled.attention(x)
+    torch.testing.assert_close(a, official.attention(x) * 48, rtol=1e-13, atol=0)
+    torch.testing.assert_close(a.mean((2, 3)), torch.ones(3, 1, dtype=torch.float64))  # mean 1
+    torch.testing.assert_close(scaled(x), x * a)
+    torch.testing.assert_close(scaled.pool(x), scaled(x).sum((2, 3)))
+    # the output keeps the input's scale (the official one divides it by about H*W)
+    assert 0.5 < scaled(x).norm() / x.norm() < 2 and official(x).norm() / x.norm() < 0.1
+    # gradients: the official layer's times H*W
+    for pool in (False, True):
+        torch.testing.assert_close(grads(scaled, x, pool)[1], grads(official, x, pool)[1] * 48, rtol=1e-10, atol=0)
+    assert "preserve_scale=True" in repr(scaled)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_preserve_scale_zero_maps_stay_finite(impl):
+    x = torch.rand(2, 4, 5, 6, dtype=torch.float64)
+    x[1] = 0
+    m = PFSA(impl=impl, preserve_scale=True)
+    for pool in (False, True):
+        y, g = grads(m, x, pool)
+        assert torch.isfinite(y).all() and torch.isfinite(g).all()
+    assert m.attention(x)[1].eq(0).all()
+    soft = PFSA(normalize="softmax", impl=impl, preserve_scale=True).attention(x)
+    torch.testing.assert_close(soft[1], torch.ones_like(soft[1]))  # uniform map, mean 1
+
+
+def test_channel_first_factories_can_build_it():
+    m = PFSA(64, device="cpu", dtype=torch.float16, preserve_scale=True)  # timm's attn_layer call
+    assert list(m.parameters()) == [] and list(m.buffers()) == []
+    x = torch.rand(2, 64, 3, 3) + 0.1
+    torch.testing.assert_close(m(x), PFSA(preserve_scale=True)(x))
+    with pytest.raises(ValueError, match="channels must be >= 1, got 0"):
+        PFSA(0)
+    with pytest.raises(TypeError, match="preserve_scale must be a bool, got str"):
+        PFSA(preserve_scale="yes")
+
+
 @st.composite
 def cases(draw):
     shape = (
@@ -75,6 +117,7 @@ def cases(draw):
         draw(st.sampled_from(["nonnegative", "negative", "mixed"])),
         draw(st.booleans()),  # channels_last
         draw(st.booleans()),  # pool
+        draw(st.booleans()),  # preserve_scale
     )
 
 
@@ -83,19 +126,27 @@ def make_input(shape, sign, seed=0):
     x = torch.rand(shape, generator=g, dtype=torch.float64) + 0.1
     if sign == "negative":
         return -x
-    if sign == "mixed":  # keep each map's sum away from zero: sum-normalisation is ill-posed there
-        return x - 0.5 * x.mean(1, keepdim=True)
+    if sign == "mixed":
+        # Odd raster positions get a negative channel mean (-0.5x it; channels of both signs),
+        # even ones a positive one (+0.5x); the negative positions are scaled so that they sum
+        # to at most half the positive ones: each map's sum stays >= half its positive part,
+        # away from zero, where sum-normalisation is ill-posed. A 1x1 map stays positive.
+        odd = (torch.arange(shape[2] * shape[3]) % 2 == 1).view(1, 1, shape[2], shape[3])
+        x = x - torch.where(odd, 1.5, 0.5) * x.mean(1, keepdim=True)
+        m = x.mean(1, keepdim=True)
+        pos, neg = m.clamp(min=0).sum((2, 3), keepdim=True), -m.clamp(max=0).sum((2, 3), keepdim=True)
+        return torch.where(odd, x * (0.5 * pos / neg).clamp(max=1), x)  # neg = 0 (1x1 map): scale 1
     return x
 
 
 @settings(max_examples=25, deadline=None)
 @given(cases())
 def test_property_fused_equals_reference(case):
-    shape, normalize, sign, channels_last, pool = case
+    shape, normalize, sign, channels_last, pool, preserve_scale = case
     x = make_input(shape, sign)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    ref, fused = twins(normalize=normalize)
+    ref, fused = twins(normalize=normalize, preserve_scale=preserve_scale)
     (y_ref, g_ref), (y_fused, g_fused) = grads(ref, x, pool), grads(fused, x, pool)
     assert y_fused.shape == (shape[:2] if pool else shape) and y_fused.dtype == x.dtype
     torch.testing.assert_close(y_fused, y_ref, rtol=1e-12, atol=1e-14)
@@ -129,8 +180,9 @@ def test_property_dtype_shape_and_normalised(dtype, impl, normalize, h, w):
 @pytest.mark.parametrize("impl", ["reference", "fused"])
 @pytest.mark.parametrize("normalize", ["sum", "softmax"])
 @pytest.mark.parametrize("pool", [False, True])
-def test_gradcheck(impl, normalize, pool):
-    m = PFSA(normalize=normalize, impl=impl)
+@pytest.mark.parametrize("preserve_scale", [False, True])
+def test_gradcheck(impl, normalize, pool, preserve_scale):
+    m = PFSA(normalize=normalize, impl=impl, preserve_scale=preserve_scale)
     x = (torch.rand(2, 3, 3, 2, dtype=torch.float64) + 0.1).requires_grad_(True)
     fn = m.pool if pool else m
     assert torch.autograd.gradcheck(fn, (x,))

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import reid_attention as ra
 import reid_attention.pyramid as pyramid
-from conftest import assert_same_step, randomize_bn, run_step, twins
+from helpers import assert_gates_vary, assert_same_step, calibrate_bn, randomize_bn, run_step, twins
 from official_rga import official_forward
 
 RGA_KW = dict(channel_ratio=2, spatial_ratio=2, down_ratio=2)  # small maps, non-empty widths
@@ -27,8 +27,12 @@ def apnet_c(channels=16, levels=2, seed=0, **kw):
 
 
 def apnet_s(channels=8, feat_size=(8, 4), levels=2, seed=0, **kw):
+    """Float64, training mode; BatchNorm affine parameters randomised, running statistics
+    calibrated on a standard-normal batch (random ones leave level 1's gate constant in eval)."""
     torch.manual_seed(seed)
-    return randomize_bn(ra.APNetS(channels, feat_size, levels=levels, **{**RGA_KW, **kw}).double(), seed)
+    m = randomize_bn(ra.APNetS(channels, feat_size, levels=levels, **{**RGA_KW, **kw}).double(), seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    return calibrate_bn(m, torch.randn(4, channels, *feat_size, generator=g, dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,6 +255,7 @@ class OracleAPNetS(torch.nn.Module):
 def test_apnet_s_matches_oracle(levels, impl, train):
     m = apnet_s(8, (8, 4), levels).train(train)
     x = torch.randn(2, 8, 8, 4, dtype=torch.float64)
+    assert_gates_vary("apnet_s", copy.deepcopy(m), x)  # levels=1: level 1's agent on its own
     ours = copy.deepcopy(m)
     ours.impl = impl
     a, b = run_step(OracleAPNetS(copy.deepcopy(m)).train(train), x), run_step(ours, x)
@@ -298,8 +303,8 @@ def test_apnet_s_fused_makes_one_batched_call_per_level(monkeypatch):
         calls.append((tuple(tokens.shape), len(branches)))
         return real(tokens, branches)
 
+    m = apnet_s(8, (8, 4), levels=3)  # built (and calibrated) before counting
     monkeypatch.setattr(pyramid, "relation_logits_fused", counting)
-    m = apnet_s(8, (8, 4), levels=3)
     m(torch.randn(2, 8, 8, 4, dtype=torch.float64))
     assert calls == [((2, 4, 8, 8), 4), ((2, 2, 8, 16), 2), ((2, 1, 8, 32), 1)]
 
@@ -406,7 +411,7 @@ def test_validation_errors():
         ra.APNetS(8, (8, 4), **RGA_KW)(torch.randn(2, 8, 4, 8))
     with pytest.raises(ValueError, match=r"feat_size must be a pair \(H, W\)"):
         ra.APNetS(8, (8, 4, 2))
-    with pytest.raises(TypeError, match="as the map's \(H, W\) pair, got the int 8"):
+    with pytest.raises(TypeError, match=r"as the map's \(H, W\) pair, got the int 8"):
         ra.APNetS(8, 8)
     with pytest.raises(ValueError, match="depends on the map size"):
         ra.create_attention("apnet_s", 8)

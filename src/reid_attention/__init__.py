@@ -11,7 +11,7 @@ from .inference import fuse_for_inference
 from .pfsa import ParameterFreeSpatialAttention
 from .pyramid import APNetC, APNetS
 from .rga import RGA
-from .insert import insert_attention, list_sites, set_last_stride
+from .insert import insert_attention, list_sites, resize_attention, set_last_stride
 from . import convert, presets
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "list_sites",
     "presets",
     "register_attention",
+    "resize_attention",
     "set_last_stride",
 ]
 try:

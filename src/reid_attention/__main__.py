@@ -11,6 +11,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: reid-attention bench [layers|network|sweep] [options]   (see: reid-attention bench -h)")
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from . import __version__  # the installed distribution's (importlib.metadata)
+
+        print(f"reid-attention {__version__}")
+        return 0
     if argv[0] != "bench":
         print(f"reid-attention: unknown command {argv[0]!r}; available: bench", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ._common import SizeLike
 from .convert import describe_keys
-from .insert import _inserted_names, insert_attention, set_last_stride
+from .insert import _Caller, _insert, _inserted_names, set_last_stride
 
 __all__ = ["ReIDResNet", "apnet_resnet50", "rga_resnet50"]
 
@@ -92,9 +92,10 @@ def _load(model: ReIDResNet, state_dict: Mapping) -> None:
 
 
 def _finish(
-    model: nn.Module, weights: object, attention: str, sites, input_size: SizeLike, **kwargs
+    model: nn.Module, weights: object, attention: str, sites, input_size: SizeLike, caller: _Caller, **kwargs
 ) -> ReIDResNet:
-    insert_attention(model, attention, sites=sites, input_size=input_size, **kwargs)
+    """Insert the attention (build errors point at ``caller``), wrap, load a state_dict."""
+    _insert(model, attention, sites, input_size, kwargs, caller)
     net = ReIDResNet(model)
     if isinstance(weights, Mapping):
         _load(net, weights)
@@ -113,7 +114,8 @@ def rga_resnet50(
 
     Args:
         input_size: (H, W) of the images; the RGA weights depend on it (paper: 256x128, maps
-            64x32, 32x16, 16x8, 16x8).
+            64x32, 32x16, 16x8, 16x8). Any size builds (inner widths have a floor); for another
+            size later, :func:`reid_attention.resize_attention` resamples the built weights.
         spatial / channel: RGA-S, RGA-C or both (RGA-SC, the paper's main model).
         weights: None (random init), a torchvision weights enum for the ResNet-50 (ImageNet), or a
             state_dict: a torchvision ResNet-50's (``fc.*`` ignored) or this model's, e.g. from
@@ -125,7 +127,8 @@ def rga_resnet50(
     )
     if kind is None:
         raise ValueError("rga_resnet50 needs spatial=True, channel=True or both")
-    return _finish(_resnet50(weights), weights, kind, _LAYERS, input_size, **rga_kwargs)
+    caller = _Caller("ra.presets.rga_resnet50(..., **rga_kwargs)")
+    return _finish(_resnet50(weights), weights, kind, _LAYERS, input_size, caller, **rga_kwargs)
 
 
 def apnet_resnet50(
@@ -141,7 +144,8 @@ def apnet_resnet50(
 
     Args:
         level: pyramid height (official: 2).
-        input_size: (H, W) of the images (official 384x192); APNet-S weights depend on it.
+        input_size: (H, W) of the images (official 384x192); APNet-S weights depend on it
+            (:func:`reid_attention.resize_attention` moves them to another size).
         variant: ``"c"`` (:class:`~reid_attention.APNetC`, the official channel version) or ``"s"``
             (:class:`~reid_attention.APNetS`, RGA-S agents per stripe).
         stem_relu: keep the stem's ReLU; the official model has none (conv1-bn1-maxpool).
@@ -157,6 +161,8 @@ def apnet_resnet50(
     model = _resnet50(weights)
     if not stem_relu:
         model.relu = nn.Identity()
+    caller = _Caller("ra.presets.apnet_resnet50(..., **attention_kwargs)", {"levels": "level"})
     return _finish(
-        model, weights, names[variant], ["maxpool"] + _LAYERS, input_size, levels=level, **attention_kwargs
+        model, weights, names[variant], ["maxpool"] + _LAYERS, input_size, caller, levels=level,
+        **attention_kwargs
     )

@@ -4,12 +4,18 @@ Units: time in seconds (median and inter-quartile range of ``torch.utils.benchma
 runs, CUDA synchronised by the Timer); FLOPs = 2 x multiply-adds as counted by
 ``torch.utils.flop_counter`` (forward only); memory in bytes.
 
-Peak memory of one training step (forward + backward):
+The timed step (:func:`train_step`) is, by default, what users run: forward, a loss, backward,
+an SGD-with-momentum step and ``zero_grad(set_to_none=True)`` (``step="optimizer"``);
+``step="accumulate"`` is the bare ``forward().backward(grad)`` with gradients accumulating into
+existing buffers (no loss, no optimiser, no freeing).
+
+Peak memory of one such step:
 * CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the step.
 * CPU: the resident-set high-water mark (VmHWM) of a fresh subprocess, reset through
-  ``/proc/self/clear_refs`` after the module and input are built and one warm-up step ran, minus
-  the resident set at that point. glibc is told to serve large blocks by mmap with a fixed
-  threshold, so freed memory goes back to the OS and the mark is not hidden by malloc caching.
+  ``/proc/self/clear_refs`` after the module and input are built and one warm-up step ran (so the
+  optimiser's momentum buffers exist), minus the resident set at that point. glibc is told to
+  serve large blocks by mmap with a fixed threshold, so freed memory goes back to the OS and the
+  mark is not hidden by malloc caching.
 """
 
 from __future__ import annotations
@@ -21,15 +27,18 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
     "Timing",
     "time_callable",
+    "STEPS",
     "train_step",
+    "is_out_of_memory",
     "count_flops",
     "count_params",
     "forward_fn",
@@ -40,6 +49,9 @@ __all__ = [
 ]
 
 MALLOC_MODES = ("system", "retain")
+STEPS = ("optimizer", "accumulate")
+# Substrings of the errors PyTorch's allocators (CUDA, CPU) and glibc raise when memory runs out.
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")
 
 
 @dataclass
@@ -104,23 +116,75 @@ def forward_fn(module: nn.Module, x: Tensor, autocast: Optional[str] = None) -> 
     return forward
 
 
-def train_step(module: nn.Module, x: Tensor, autocast: Optional[str] = None) -> Callable[[], None]:
-    """A closure running forward and backward with a fixed upstream gradient."""
+def _loss_fn(example: Tensor) -> Callable[[Tensor], Tensor]:
+    """A float32 loss for outputs shaped like ``example``, against fixed random targets.
+
+    (B, K) outputs are a classifier's logits: cross-entropy on random labels (re-ID's identity
+    loss). Any other output (a layer's map) gets the mean squared error to a random tensor.
+    """
+    g = torch.Generator().manual_seed(0)
+    if example.dim() == 2:
+        labels = torch.randint(example.shape[1], (example.shape[0],), generator=g).to(example.device)
+        return lambda out: F.cross_entropy(out.float(), labels)
+    target = torch.randn(example.shape, generator=g).to(example.device)
+    return lambda out: F.mse_loss(out.float(), target)
+
+
+def train_step(
+    module: nn.Module, x: Tensor, autocast: Optional[str] = None, *, step: str = "optimizer"
+) -> Callable[[], None]:
+    """A closure running one training step of ``module`` on ``x`` (see ``STEPS``).
+
+    ``"optimizer"``: forward (under autocast if given), the loss of :func:`_loss_fn` in float32,
+    backward, ``torch.optim.SGD`` (momentum 0.9, weight decay 5e-4) and
+    ``zero_grad(set_to_none=True)``; the input's gradient is dropped too, as the layer below
+    would consume it. The learning rate is tiny (1e-4) so that the weights, and with them the
+    arithmetic, stay those of the first step however many steps are timed.
+    ``"accumulate"``: ``forward().backward(grad)`` with a fixed upstream gradient of ones,
+    accumulating into the existing gradient buffers.
+    """
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {STEPS}, got {step!r}")
     forward = forward_fn(module, x, autocast)
-    grad = torch.ones_like(forward())
+    with torch.no_grad():
+        example = forward()
+    if step == "accumulate":
+        grad = torch.ones_like(example)
 
-    def step() -> None:
-        forward().backward(grad)
+        def accumulate() -> None:
+            forward().backward(grad)
 
-    return step
+        return accumulate
+    loss_fn = _loss_fn(example)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=5e-4) if params else None
+
+    def optimizer_step() -> None:
+        loss_fn(forward()).backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        x.grad = None
+
+    return optimizer_step
+
+
+def is_out_of_memory(error: Union[BaseException, str]) -> bool:
+    """Whether an exception (or its message) says that memory ran out."""
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(error).lower()
+    return any(marker in text for marker in _OOM_MARKERS)
 
 
 def count_flops(module: nn.Module, x: Tensor) -> int:
     """Forward FLOPs (2 x multiply-adds) of ``module(x)``."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    # a detached input: under no_grad a view of an input that requires grad still claims to, and
+    # the counter's module tracker refuses such a tensor (it has no gradient function)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(x)
+        module(x.detach())
     return int(counter.get_total_flops())
 
 
@@ -144,8 +208,9 @@ def build_from_spec(spec: Dict[str, Any]) -> tuple:
     """(module, input) described by a JSON-able spec.
 
     spec keys: factory ("module:function"), kwargs (dict), input (shape list), device, dtype
-    ("float32", ...), channels_last (bool), train (bool), compile (bool); ``autocast`` (a dtype
-    name or None) is read by the callers that run the module.
+    ("float32", ...), channels_last (bool), train (bool), compile (bool), input_grad (bool,
+    default true); ``autocast`` (a dtype name or None) and ``step`` (see ``STEPS``) are read by
+    the callers that run the module.
     """
     device = torch.device(spec.get("device", "cpu"))
     dtype = getattr(torch, spec.get("dtype", "float32"))
@@ -173,7 +238,7 @@ def _vm_kib(field: str) -> int:
 
 
 def _probe_cpu(spec: Dict[str, Any]) -> Dict[str, int]:
-    """Run inside the fresh subprocess: peak bytes of one training step above the set-up.
+    """Run inside the fresh subprocess: peak bytes of one ``spec["step"]`` above the set-up.
 
     The address space is capped at ``memory_limit`` bytes above the start (default: the
     available memory), so an oversized run fails with an allocation error instead of
@@ -181,21 +246,26 @@ def _probe_cpu(spec: Dict[str, Any]) -> Dict[str, int]:
     """
     import resource
 
+    # Building the first optimiser imports a large part of torch (torch._dynamo: ~250 MiB of
+    # address space), which belongs to neither the cap nor the measurement: do it first.
+    torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-4, momentum=0.9)
     limit = spec.get("memory_limit") or _available_bytes()
     cap = _vm_kib("VmSize") * 1024 + limit
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
     module, x = build_from_spec(spec)
-    step = train_step(module, x, spec.get("autocast"))
-    step()  # warm-up, then drop what it left behind
+    step = train_step(module, x, spec.get("autocast"), step=spec.get("step", "optimizer"))
+    step()  # warm-up (creates the optimiser state), then drop what it left behind
     module.zero_grad(set_to_none=True)
     x.grad = None
-    base = _vm_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current resident set
+    base = _vm_kib("VmHWM")  # that resident set (read after the reset: the peak cannot fall below it)
     step()
     peak = _vm_kib("VmHWM")
-    return {"peak_bytes": (peak - base) * 1024, "rss_bytes": peak * 1024}
+    # the kernel's resident-set counters lag by a few pages, so a step that allocates next to
+    # nothing can read a little below its start
+    return {"peak_bytes": max(0, peak - base) * 1024, "rss_bytes": peak * 1024}
 
 
 def _available_bytes() -> int:
@@ -204,7 +274,7 @@ def _available_bytes() -> int:
 
 def _probe_cuda(spec: Dict[str, Any]) -> Dict[str, int]:
     module, x = build_from_spec(spec)
-    step = train_step(module, x, spec.get("autocast"))
+    step = train_step(module, x, spec.get("autocast"), step=spec.get("step", "optimizer"))
     step()
     module.zero_grad(set_to_none=True)
     x.grad = None
@@ -221,7 +291,8 @@ def peak_memory(spec: Dict[str, Any], *, timeout: float = 600.0) -> Dict[str, An
     """Peak memory of one training step for ``spec`` (see :func:`build_from_spec`).
 
     Returns {"peak_bytes", "rss_bytes"} or {"error": "..."} (out of memory and other failures
-    are reported, not raised, so a benchmark run can continue).
+    are reported, not raised, so a benchmark run can continue; an error starting with "out of
+    memory" is exactly that, see :func:`is_out_of_memory`).
     """
     if spec.get("device", "cpu").startswith("cuda"):
         try:
@@ -237,7 +308,7 @@ def peak_memory(spec: Dict[str, Any], *, timeout: float = 600.0) -> Dict[str, An
         return {"error": f"timed out after {timeout:.0f} s"}
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["killed"])[-1]
-        if "can't allocate memory" in tail or "not enough memory" in tail or done.returncode == -9:
+        if is_out_of_memory(tail) or done.returncode == -9:
             return {"error": "out of memory"}
         return {"error": f"exit {done.returncode}: {tail}"}
     return json.loads(done.stdout.strip().splitlines()[-1])

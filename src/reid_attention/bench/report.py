@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["environment", "format_records", "publish", "FORMATS"]
+__all__ = ["environment", "format_records", "format_flagged", "row_name", "publish", "FORMATS"]
 
 FORMATS = ("table", "markdown", "csv", "json")
 
@@ -49,6 +49,8 @@ def environment(device: str = "cpu", threads: Optional[int] = None, malloc: str 
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, (list, tuple)):
+        return "; ".join(map(str, value)) or "-"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
     if isinstance(value, int):
@@ -91,6 +93,38 @@ def format_records(
     return "\n".join([line, "-" * len(line), *body])
 
 
+def row_name(record: Dict[str, Any]) -> str:
+    """A row's label in messages: the model, or its kind, level, input, site and impl."""
+    if "model" in record:
+        return str(record["model"])
+    keys = ("kind", "level", "input", "site", "impl")
+    return " ".join(str(record[k]) for k in keys if record.get(k) is not None)
+
+
+def format_flagged(
+    records: Sequence[Dict[str, Any]],
+    columns: Sequence[str],
+    fmt: str = "table",
+    headers: Optional[Dict[str, str]] = None,
+) -> str:
+    """:func:`format_records` of the ``columns`` that hold a value, with rows whose timing is
+    unreliable (a non-empty ``unreliable`` list) marked '!' in a ``flag`` column and their
+    reasons listed below the table; CSV gets the reasons in an ``unreliable`` column instead."""
+    flagged = [r for r in records if r.get("unreliable")]
+    if fmt == "csv":
+        records = [dict(r, unreliable="; ".join(r.get("unreliable") or [])) for r in records]
+        columns = ["unreliable" if c == "flag" else c for c in columns]
+    elif flagged:
+        records = [dict(r, flag="!" if r.get("unreliable") else "") for r in records]
+    shown = [c for c in columns if any(r.get(c) is not None for r in records)]
+    text = format_records(records, shown, fmt, headers={"flag": "", **(headers or {})})
+    if fmt in ("csv", "json") or not flagged:
+        return text
+    notes = [f"! {row_name(r)}: {'; '.join(r['unreliable'])}" for r in flagged]
+    notes.append("! = unreliable timing: rerun on an idle machine or with a longer timed run")
+    return "\n".join([text, "", *notes])
+
+
 def publish(
     result: Dict[str, Any],
     columns: Sequence[str],
@@ -100,13 +134,14 @@ def publish(
     out: Optional[pathlib.Path] = None,
     write: bool = True,
 ) -> None:
-    """Print a benchmark script's table (and summary, if any); write the JSON to ``out`` or
-    ``default_path`` unless ``write`` is false and no ``out`` was given (smoke runs)."""
-    print(format_records(result["records"], columns, "table", headers=headers))
-    if "summary" in result:
-        print(json.dumps(result["summary"], indent=2))
+    """Write the JSON to ``out`` or ``default_path`` unless ``write`` is false and no ``out`` was
+    given (smoke runs), then print a benchmark script's table (unreliable rows flagged, see
+    :func:`format_flagged`) and summary, if any."""
     if write or out:
         path = out or default_path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}", file=sys.stderr)
+    print(format_flagged(result["records"], columns, "table", headers=headers))
+    if "summary" in result:
+        print(json.dumps(result["summary"], indent=2))

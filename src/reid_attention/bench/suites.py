@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -11,12 +11,17 @@ from .measure import (
     count_flops,
     count_params,
     forward_fn,
+    is_out_of_memory,
     peak_memory,
     time_callable,
     train_step,
 )
 
-__all__ = ["layer_spec", "network_spec", "measure", "measure_layer", "network", "PAPER_SITES"]
+__all__ = ["layer_spec", "network_spec", "measure", "measure_layer", "network", "PAPER_SITES",
+           "unreliable_reasons", "failed", "UNRELIABLE_IQR"]
+
+# A timing whose inter-quartile range exceeds this fraction of its median is flagged unreliable.
+UNRELIABLE_IQR = 0.2
 
 # (channels, (H, W)) of each paper's insertion sites.
 PAPER_SITES: Dict[str, Sequence[Tuple[int, Tuple[int, int]]]] = {
@@ -42,10 +47,12 @@ def layer_spec(
     threads: Optional[int] = None,
     compile: bool = False,
     autocast: Optional[str] = None,
+    step: str = "optimizer",
     factory: str = "reid_attention.registry:create_attention",
     **kwargs: Any,
 ) -> Dict[str, Any]:
-    """JSON-able description of a layer and its input (see ``measure.build_from_spec``)."""
+    """JSON-able description of a layer and its input (see ``measure.build_from_spec``);
+    ``step`` names the timed training step (``measure.STEPS``)."""
     kw = dict(name=kind, channels=channels, feat_size=list(feat_size), **kwargs)
     if impl is not None:
         kw["impl"] = impl
@@ -59,6 +66,7 @@ def layer_spec(
         threads=threads or torch.get_num_threads(),
         compile=compile,
         autocast=autocast,
+        step=step,
     )
 
 
@@ -85,6 +93,7 @@ def network(
 def network_spec(backbone: str, attention: Optional[str], input_size: Sequence[int], *, batch: int,
                  last_stride: Optional[int] = 1, impl: Optional[str] = "fused",
                  sites: Optional[Sequence[str]] = None, **common: Any) -> Dict[str, Any]:
+    """Spec of :func:`network` on a batch of images (which, as in training, need no gradient)."""
     kw: Dict[str, Any] = dict(backbone=backbone, attention=attention, input_size=list(input_size),
                               last_stride=last_stride)
     if attention and impl:
@@ -92,7 +101,7 @@ def network_spec(backbone: str, attention: Optional[str], input_size: Sequence[i
     if attention and sites:
         kw["sites"] = list(sites)
     spec = layer_spec("", 3, tuple(input_size), batch=batch, impl=None, **common)
-    spec.update(factory="reid_attention.bench.suites:network", kwargs=kw)
+    spec.update(factory="reid_attention.bench.suites:network", kwargs=kw, input_grad=False)
     return spec
 
 
@@ -107,6 +116,44 @@ def measure_layer(spec: Dict[str, Any], **options: Any) -> Dict[str, Any]:
     return measure(spec, label, **options)
 
 
+def unreliable_reasons(record: Dict[str, Any]) -> List[str]:
+    """Why a row's timing should not be trusted (empty: no reason seen).
+
+    A timing of a single measured block has no spread to judge; an IQR above ``UNRELIABLE_IQR``
+    of the median means the machine was busy or the clock unstable; a forward slower than the
+    whole training step (which contains it) cannot be true of the code.
+    """
+    reasons = []
+    for what, key in (("step", "step"), ("forward", "fwd")):
+        median, iqr, runs = (record.get(f"{key}_{field}") for field in ("ms", "iqr_ms", "runs"))
+        if median is None:
+            continue
+        if runs is not None and runs < 2:
+            reasons.append(f"{what}: a single measured block")
+        if iqr is not None and iqr > UNRELIABLE_IQR * median:
+            reasons.append(f"{what}: IQR {iqr / median:.0%} of the median")
+    fwd, step = record.get("fwd_ms"), record.get("step_ms")
+    if fwd is not None and step is not None and fwd > step:
+        reasons.append("forward slower than the whole step")
+    return reasons
+
+
+def failed(record: Dict[str, Any]) -> bool:
+    """Whether a row failed for a reason other than a recorded out-of-memory."""
+    return bool(record.get("error")) and not record.get("oom")
+
+
+def _add_error(record: Dict[str, Any], message: str, oom: bool) -> None:
+    """Append ``message`` to the row's error; ``oom`` stays true only while every failure is one."""
+    record["error"] = "; ".join(filter(None, [record.get("error"), message]))
+    record["oom"] = record.get("oom", True) and oom
+
+
+def _timed(fn, *, min_run_time: float, threads: Optional[int], prefix: str) -> Dict[str, Any]:
+    timing = time_callable(fn, min_run_time=min_run_time, threads=threads)
+    return {f"{prefix}_ms": timing.median * 1e3, f"{prefix}_iqr_ms": timing.iqr * 1e3, f"{prefix}_runs": timing.runs}
+
+
 def measure(
     spec: Dict[str, Any],
     label: Dict[str, Any],
@@ -115,26 +162,29 @@ def measure(
     forward: bool = False,
     min_run_time: float = 1.0,
 ) -> Dict[str, Any]:
-    """Time (forward + backward, optionally forward alone), FLOPs, parameters, peak memory.
+    """Time one training step (``spec["step"]``; optionally the forward alone), FLOPs,
+    parameters, peak memory of the same step.
 
     The memory probe runs first, at ``memory_batch`` (default: the timed batch; 0 skips it), in
     a capped subprocess; if it runs out of memory at or below the timed batch, timing is skipped.
-    ``None`` results and an ``error`` field record what could not be measured.
+    ``None`` results and an ``error`` field record what could not be measured; ``oom`` is true
+    when every failure of the row was out of memory (see :func:`failed`). ``unreliable`` lists
+    :func:`unreliable_reasons` of a timed row.
     """
     batch = spec["input"][0]
     record: Dict[str, Any] = dict(label, batch=batch, dtype=spec.get("dtype", "float32"))
-    record.update(compiled=bool(spec.get("compile")), autocast=spec.get("autocast"))
-    oom = False
+    record.update(compiled=bool(spec.get("compile")), autocast=spec.get("autocast"),
+                  step=spec.get("step", "optimizer"))
     if memory_batch != 0:  # first, in a capped subprocess: an oversized run is skipped below
         mem_spec = dict(spec, input=[memory_batch or batch, *spec["input"][1:]])
         mem = peak_memory(mem_spec)
         record["memory_batch"] = mem_spec["input"][0]
         record["peak_mib"] = mem["peak_bytes"] / 2**20 if "peak_bytes" in mem else None
         if "error" in mem:
-            record["error"] = "memory: " + mem["error"]
-            oom = mem["error"] == "out of memory" and record["memory_batch"] <= batch
-    if oom:
-        return record
+            oom = is_out_of_memory(mem["error"])
+            _add_error(record, "memory: " + mem["error"], oom)
+            if oom and record["memory_batch"] <= batch:
+                return record
     threads = spec.get("threads")
     if threads:
         torch.set_num_threads(threads)
@@ -142,20 +192,19 @@ def measure(
     try:
         module, x = build_from_spec(spec)
         record["params"] = count_params(module)
-        record["gflops"] = count_flops(module, x) / 1e9
-        timing = time_callable(train_step(module, x, autocast), min_run_time=min_run_time, threads=threads)
-        record.update(
-            fwd_bwd_ms=timing.median * 1e3,
-            fwd_bwd_iqr_ms=timing.iqr * 1e3,
-            samples_per_s=batch / timing.median,
-        )
+        # FLOPs of the eager module: the same maths, without tracing a compiled one again
+        record["gflops"] = count_flops(getattr(module, "_orig_mod", module), x) / 1e9
+        step = train_step(module, x, autocast, step=record["step"])
+        record.update(_timed(step, min_run_time=min_run_time, threads=threads, prefix="step"))
+        record["samples_per_s"] = batch / (record["step_ms"] / 1e3)
         if forward:
             with torch.no_grad():
-                timing = time_callable(forward_fn(module, x, autocast), min_run_time=min_run_time, threads=threads)
-            record.update(fwd_ms=timing.median * 1e3, fwd_iqr_ms=timing.iqr * 1e3)
+                fwd = forward_fn(module, x, autocast)
+                record.update(_timed(fwd, min_run_time=min_run_time, threads=threads, prefix="fwd"))
+        record["unreliable"] = unreliable_reasons(record)
         del module, x
-    except (RuntimeError, MemoryError) as e:  # out of memory and friends: record, continue
+    except Exception as e:  # recorded, so that the other rows still run; failed() tells the caller
         if spec.get("device", "cpu").startswith("cuda"):
             torch.cuda.empty_cache()
-        record["error"] = "; ".join(filter(None, [record.get("error"), str(e).splitlines()[0][:200]]))
+        _add_error(record, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}", is_out_of_memory(e))
     return record
