@@ -1,8 +1,8 @@
 """torch's own DistributedDataParallel on the presets: 2 CPU processes, gloo, 3 training steps.
 
-Each case trains a preset (ResNet-50 + attention, 64x32 input) for 3 steps (forward, loss,
-backward, SGD-with-momentum step, zero_grad(set_to_none=True)) on a batch of 2 per rank, under
-``DistributedDataParallel(find_unused_parameters=False)``, and checks:
+Each case trains a preset (ResNet-50 with RGA-SC or APNet-S, 64x32 input, float64) for 3 steps
+(forward, loss, backward, SGD-with-momentum step, zero_grad(set_to_none=True)) on a batch of 2
+per rank, under ``DistributedDataParallel(find_unused_parameters=False)``, and checks:
 
 * every parameter that requires a gradient gets one on every rank (no unused parameters: DDP
   would also refuse the next iteration), and the parameters are identical on both ranks after
@@ -25,11 +25,15 @@ backward, SGD-with-momentum step, zero_grad(set_to_none=True)) on a batch of 2 p
 Running statistics are not compared: in training mode DDP broadcasts rank 0's buffers before
 every forward (``broadcast_buffers=True``), so the ranks' last updates differ by design.
 
-Tolerance: float32, parameters compared relative to how far the 3 steps moved them:
-||a - b|| <= 1e-4 ||b - initial||; the summation order of the gradient all-reduce and of the
-batch-mean differ, nothing else.
+Tolerance: parameters compared relative to how far the 3 steps moved them,
+||a - b|| <= 1e-9 ||b - initial||: only the summation order of the gradient all-reduce and of
+the batch mean differ. Float64, because the random-weight network is ill-conditioned: in
+float32 merely splitting the batch mean into two half-batch means moves the result by 3.5e-4
+of the update (float64: 4e-14). The train-mode difference from full-batch statistics is of the
+order of the update itself (asserted > 1e-3 of it).
 
-Runtime: one spawn of 2 processes (1 thread each) runs all cases; about 40 s on 2 CPU cores.
+Runtime: one spawn of 2 processes (1 thread each) runs all cases, then the single-process
+equivalents run here; about a minute on 2 idle CPU cores.
 """
 
 from __future__ import annotations
@@ -52,19 +56,20 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 SIZE = (64, 32)
 PER_RANK, WORLD, STEPS = 2, 2, 3
-LR, MOMENTUM = 0.05, 0.9
+LR, MOMENTUM = 1e-3, 0.9
 PRESETS = ("rga_sc", "apnet_s")
-MODES = ("frozen_norms", "train_norms")
-CASES = [(p, m) for p in PRESETS for m in MODES]
+# APNet-S in training mode is left out for time: its norms follow the same per-rank rule as RGA's.
+CASES = [("rga_sc", "frozen_norms"), ("rga_sc", "train_norms"), ("apnet_s", "frozen_norms")]
 TIMEOUT_S = 300  # the whole spawn; each collective times out after 120 s
-REL_TOL = 1e-4
+REL_TOL = 1e-9
 
 
 def build(preset: str) -> torch.nn.Module:
+    """The preset in float64, with fixed random weights."""
     torch.manual_seed(0)
     if preset == "rga_sc":
-        return ra.presets.rga_resnet50(input_size=SIZE)
-    return ra.presets.apnet_resnet50(variant="s", input_size=SIZE)
+        return ra.presets.rga_resnet50(input_size=SIZE).double()
+    return ra.presets.apnet_resnet50(variant="s", input_size=SIZE).double()
 
 
 def set_mode(model: torch.nn.Module, mode: str) -> torch.nn.Module:
@@ -82,7 +87,9 @@ def data():
     g = torch.Generator().manual_seed(1)
     batch = WORLD * PER_RANK
     return [
-        (torch.randn(batch, 3, *SIZE, generator=g), torch.randn(batch, 2048, generator=g)) for _ in range(STEPS)
+        (torch.randn(batch, 3, *SIZE, generator=g, dtype=torch.float64),
+         torch.randn(batch, 2048, generator=g, dtype=torch.float64))
+        for _ in range(STEPS)
     ]
 
 
@@ -123,17 +130,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         batches = [(i[rank * PER_RANK:(rank + 1) * PER_RANK], t[rank * PER_RANK:(rank + 1) * PER_RANK])
                    for i, t in data()]
-        missing = []
-        for preset in PRESETS:
-            initial = torch.load(os.path.join(out_dir, f"{preset}-init.pt"))
-            for mode in MODES:
-                model = build(preset)
-                model.load_state_dict(initial)
-                ddp = DistributedDataParallel(set_mode(model, mode), find_unused_parameters=False)
-                losses = train(ddp, batches, check_grads=lambda m: missing.extend(_missing_grads(m)))
-                params = {n: p.detach().clone() for n, p in model.named_parameters()}
-                torch.save({"params": params, "losses": losses, "missing": sorted(set(missing))},
-                           os.path.join(out_dir, f"{preset}-{mode}-rank{rank}.pt"))
+        for preset, mode in CASES:
+            model = build(preset)
+            model.load_state_dict(torch.load(os.path.join(out_dir, f"{preset}-init.pt")))
+            ddp = DistributedDataParallel(set_mode(model, mode), find_unused_parameters=False)
+            missing = []
+            losses = train(ddp, batches, check_grads=lambda m: missing.extend(_missing_grads(m)))
+            params = {n: p.detach().clone() for n, p in model.named_parameters()}
+            torch.save({"params": params, "losses": losses, "missing": sorted(set(missing))},
+                       os.path.join(out_dir, f"{preset}-{mode}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -199,7 +204,7 @@ def test_ddp_ranks_agree_and_match_the_maths(ddp_runs, preset, mode):
         full.load_state_dict(initial.state_dict())
         train(full, batches)
         other = {n: p.detach() for n, p in full.named_parameters()}
-        assert _distance(got, other) > 100 * REL_TOL * moved, "train-mode BatchNorm: expected a difference"
+        assert _distance(got, other) > 1e-3 * moved, "train-mode BatchNorm: expected a difference"
 
 
 def assert_no_missing(model) -> None:
