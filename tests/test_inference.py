@@ -1,4 +1,5 @@
-"""fuse_for_inference: same eval function, original untouched, state_dict contract kept."""
+"""fold_batchnorm_scales: same eval function, original untouched, state_dict contract kept;
+fuse_for_inference, its deprecated alias."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from helpers import KINDS, assert_gates_vary, build, kind_impl_params, make_inpu
 from torch import nn
 
 import reid_attention as ra
+from reid_attention.inference import fold_batchnorm_scales
 
 TOL = {"atol": 1e-12, "rtol": 1e-10}  # float64: folding only reorders a few multiplications
 
@@ -22,10 +24,10 @@ def _is_shift_only(bn: nn.modules.batchnorm._BatchNorm) -> bool:
 def test_folded_equals_eval_module(kind, impl):
     module = build(kind, impl).train()
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    folded = ra.fuse_for_inference(module)
+    folded = fold_batchnorm_scales(module)
     assert not folded.training and module.training, "a folded copy in eval mode; the original keeps its mode"
     for key, value in module.state_dict().items():
-        assert torch.equal(value, before[key]), f"fuse_for_inference changed the original's {key}"
+        assert torch.equal(value, before[key]), f"fold_batchnorm_scales changed the original's {key}"
     x = make_input(3)
     assert_gates_vary(kind, folded, x)  # a constant gate would hide a wrong fold upstream of it
     with torch.no_grad():
@@ -34,27 +36,27 @@ def test_folded_equals_eval_module(kind, impl):
 
 @pytest.mark.parametrize("kind", [k for k in KINDS if k.startswith("rga") or k == "apnet_s"])
 def test_every_rga_batchnorm_is_folded(kind):
-    folded = ra.fuse_for_inference(build(kind))
+    folded = fold_batchnorm_scales(build(kind))
     bns = [m for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(_is_shift_only(bn) for bn in bns)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_folded_paths_agree_and_fold_is_idempotent(kind):
-    folded = ra.fuse_for_inference(build(kind))
+    folded = fold_batchnorm_scales(build(kind))
     x = make_input(2, seed=1)
     with torch.no_grad():
         fused_out = folded(x)
         folded.impl = "reference"
         torch.testing.assert_close(folded(x), fused_out, **TOL)
-        torch.testing.assert_close(ra.fuse_for_inference(folded)(x), fused_out, **TOL)
+        torch.testing.assert_close(fold_batchnorm_scales(folded)(x), fused_out, **TOL)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_folded_state_dict_loads_into_unfolded_module(kind):
     """Same keys and shapes; loaded into a plain module the eval function is unchanged."""
     module = build(kind).eval()
-    folded_state = ra.fuse_for_inference(module).state_dict()
+    folded_state = fold_batchnorm_scales(module).state_dict()
     shapes = {k: v.shape for k, v in module.state_dict().items()}
     assert {k: v.shape for k, v in folded_state.items()} == shapes
     fresh = build(kind, seed=1).eval()
@@ -82,7 +84,7 @@ def _conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Sequential:
 )
 def test_generic_conv_bn_pairs_fold(seq, shape):
     seq = seq()
-    folded = ra.fuse_for_inference(seq)
+    folded = fold_batchnorm_scales(seq)
     assert _is_shift_only(folded[1])
     assert folded[0].bias is None or (folded[0].bias == 0).all()
     x = torch.randn(shape, dtype=torch.float64)
@@ -102,11 +104,21 @@ def test_generic_conv_bn_pairs_fold(seq, shape):
 )
 def test_unfoldable_pairs_are_left_alone(seq):
     seq = seq()
-    folded = ra.fuse_for_inference(seq)
+    folded = fold_batchnorm_scales(seq)
     for (key, value), original in zip(folded.state_dict().items(), seq.state_dict().values()):
         assert torch.equal(value, original), key
 
 
 def test_meta_device_module_folds():
-    folded = ra.fuse_for_inference(build("rga_sc").to("meta"))
+    folded = fold_batchnorm_scales(build("rga_sc").to("meta"))
     assert folded(make_input(2).to("meta")).shape == (2, 64, 16, 8)
+
+
+def test_public_name_and_deprecated_alias():
+    assert ra.fold_batchnorm_scales is fold_batchnorm_scales
+    module = build("rga_s")
+    with pytest.warns(DeprecationWarning, match="use fold_batchnorm_scales"):
+        old = ra.fuse_for_inference(module)
+    new = fold_batchnorm_scales(module)
+    for (key, a), b in zip(old.state_dict().items(), new.state_dict().values()):
+        assert torch.equal(a, b), key

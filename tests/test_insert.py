@@ -164,6 +164,8 @@ def test_probe_leaves_the_model_alone():
 def test_probe_failure_is_reported():
     with pytest.raises(ValueError, match="shape probe"):
         ra.list_sites(build(tvm.vit_b_16), (224, 112))  # ViT only takes its image size
+    with pytest.raises(ValueError, match="VisionTransformer.*must take images of both sizes"):
+        ra.insert_attention(build(tvm.vit_b_16), "rga_sc", input_size=(224, 224))
     with pytest.raises(TypeError, match="nn.Module"):
         ra.list_sites(lambda x: x, (64, 32))
     with pytest.raises(ValueError, match="input_size"):

@@ -1,4 +1,4 @@
-"""``python -m reid_attention bench ...`` (also the ``reid-attention`` console script)."""
+"""``python -m reid_attention bench|sites ...`` (also the ``reid-attention`` console script)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,20 @@ from typing import List, Optional
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: reid-attention bench [layers|network|sweep] [options]   (see: reid-attention bench -h)")
+        print("usage: reid-attention bench [layers|network|sweep] [options]   (see: reid-attention bench -h)\n"
+              "       reid-attention sites MODEL [--input HxW] [--format table|json] [--all]")
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
         from . import __version__  # the installed distribution's (importlib.metadata)
 
         print(f"reid-attention {__version__}")
         return 0
+    if argv[0] == "sites":
+        from .sites_cli import main as sites_main
+
+        return sites_main(argv[1:])
     if argv[0] != "bench":
-        print(f"reid-attention: unknown command {argv[0]!r}; available: bench", file=sys.stderr)
+        print(f"reid-attention: unknown command {argv[0]!r}; available: bench, sites", file=sys.stderr)
         return 2
     from .bench.cli import main as bench_main
 

@@ -1,4 +1,4 @@
-"""Inference-time BatchNorm folding: :func:`fuse_for_inference`.
+"""BatchNorm scale folding: :func:`fold_batchnorm_scales` (formerly ``fuse_for_inference``).
 
 An eval-mode BatchNorm after a convolution is an affine map per output channel,
 
@@ -10,26 +10,41 @@ shift ``beta' = beta + s * (b - mean)``. The folded BatchNorm is kept as a modul
 ``sqrt(var + eps) = 1``) and bias ``beta'``; a convolution bias, if any, becomes 0.
 
 Keeping the BatchNorm module (instead of deleting it or moving the shift into a conv bias) is
-deliberate: both paths of every layer read the same modules (the fused paths take ``seq[0].weight``
-and call BatchNorms through :func:`reid_attention._common.batch_norm`, and ignore conv biases, as
-the official modules have none), the state_dict keeps every key and shape, and a folded state_dict
-loaded into an unfolded module -- or the official one -- computes the same eval-mode function.
+deliberate: both paths of every layer read the same modules (the fused paths take
+``seq[0].weight`` and run the norm modules, or the one-kernel BatchNorm equivalent of calling
+them, and ignore conv biases, as the official modules have none), the state_dict keeps every key
+and shape, and a folded state_dict loaded into an unfolded module -- or the official one --
+computes the same eval-mode function.
+
+What it is for, and what not: the folded BatchNorm still runs, as a pure shift, which costs the
+same elementwise pass as the full eval-mode BatchNorm, so it does not make the layers faster
+(``benchmarks/inference_fold.py``: eval forward time unchanged within noise at the paper sites).
+The shift cannot be folded further without changing the modules: in every CBR it sits between a
+bias-free convolution and a ReLU, so it can only move into a new conv bias (a key the official
+state_dict does not have, and which the fused paths, reading ``seq[0].weight``, would have to
+learn to apply), and in the ``W`` network's last BatchNorm it is already all that is left. Use it
+where weights that carry the normalisation are wanted: per-channel weight quantisation, or
+handing the weights to a runtime or a kernel that applies the shift as a bias. Hence the name:
+the previous ``fuse_for_inference`` promised a speed-up it never gave; it remains as a deprecated
+alias.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["fuse_for_inference"]
+__all__ = ["fold_batchnorm_scales", "fuse_for_inference"]
 
 
-def fuse_for_inference(module: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``module`` with conv -> BatchNorm pairs folded; ``module`` is untouched.
+def fold_batchnorm_scales(module: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``module`` whose BatchNorm scales sit in the preceding conv weights;
+    ``module`` is untouched.
 
     Folded: every BatchNorm that directly follows a (non-transposed) convolution inside an
     ``nn.Sequential`` -- every CBR and ``W`` network of RGA and of APNet-S's agents, and e.g.
@@ -39,7 +54,8 @@ def fuse_for_inference(module: nn.Module) -> nn.Module:
     rounding; the fold is computed in float64 and stored in each parameter's dtype).
 
     The copy is for inference: in training mode a folded BatchNorm would normalise with batch
-    statistics again and the folded scale would be lost.
+    statistics again and the folded scale would be lost. It is not faster than ``module.eval()``
+    (see the module docstring).
     """
     folded = copy.deepcopy(module).eval()
     for seq in folded.modules():
@@ -49,6 +65,18 @@ def fuse_for_inference(module: nn.Module) -> nn.Module:
                 if _foldable(conv, bn):
                     _fold(conv, bn)
     return folded
+
+
+def fuse_for_inference(module: nn.Module) -> nn.Module:
+    """Deprecated alias of :func:`fold_batchnorm_scales` (same result; it never fused anything
+    that made inference faster)."""
+    warnings.warn(
+        "reid_attention.fuse_for_inference is deprecated: use fold_batchnorm_scales (same result; "
+        "it folds BatchNorm scales into conv weights and does not speed up inference)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return fold_batchnorm_scales(module)
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
