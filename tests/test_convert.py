@@ -51,8 +51,10 @@ class OfficialRGABranch(nn.Module):
             self.add_module(name, getattr(resnet, name))
         h, w = SIZE
         for i, (channels, stride) in enumerate([(256, 4), (512, 8), (1024, 16), (2048, 16)], 1):
-            rga = OfficialRGAModule(channels, (h // stride) * (w // stride), use_spatial=spatial,
-                                    use_channel=channel, cha_ratio=8, spa_ratio=SPA_RATIO, down_ratio=DOWN_RATIO)
+            rga = OfficialRGAModule(
+                channels, (h // stride) * (w // stride), use_spatial=spatial, use_channel=channel,
+                cha_ratio=8, spa_ratio=SPA_RATIO, down_ratio=DOWN_RATIO,
+            )
             self.add_module(f"rga_att{i}", rga)
 
     def forward(self, x):

@@ -122,7 +122,9 @@ def _missing_grads(model) -> list:
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    loopback = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+    if loopback:  # gloo's connections on the loopback interface only (127.0.0.1 for the store)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback[0])
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
         timeout=datetime.timedelta(seconds=120),
@@ -167,7 +169,10 @@ def ddp_runs(tmp_path_factory):
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-    return {case: [torch.load(out / f"{case[0]}-{case[1]}-rank{r}.pt") for r in range(WORLD)] for case in CASES}
+    return {
+        (preset, mode): [torch.load(out / f"{preset}-{mode}-rank{r}.pt") for r in range(WORLD)]
+        for preset, mode in CASES
+    }
 
 
 def _distance(a: dict, b: dict) -> float:

@@ -289,7 +289,8 @@ def test_probe_sees_through_inserted_attention():
     ra.insert_attention(model, "rga_s", sites="layer1", input_size=(256, 128))
     assert ra.list_sites(model, (256, 128)) == before
     plain = build(tvm.resnet50)
-    assert ra.list_sites(model, (384, 128), stages_only=False) == ra.list_sites(plain, (384, 128), stages_only=False)
+    every_map = ra.list_sites(plain, (384, 128), stages_only=False)
+    assert ra.list_sites(model, (384, 128), stages_only=False) == every_map  # at any size
     ra.insert_attention(model, "pfsa", sites="layer4", input_size=(256, 128))  # kinds mix
     assert isinstance(model.layer1.attention, ra.RGA)
     assert isinstance(model.layer4.attention, ra.ParameterFreeSpatialAttention)
@@ -304,8 +305,9 @@ def test_inserted_modules_carry_their_site():
     adapter = swin.features[1].attention
     assert getattr(adapter, SITE_ATTR) == getattr(adapter.attention, SITE_ATTR) == "features.1"
     assert fx_leaf_modules(swin) == [ra.RGA]
-    with pytest.raises(ValueError, match=r"RGA at site 'features.1' built for feat_size \(16, 16\), got input "
-                                         r"8x8.*input_size=.*ra.resize_attention\(model, input_size\)"):
+    message = r"RGA at site 'features.1' built for feat_size \(16, 16\), got input 8x8.*input_size=.*" \
+              r"ra.resize_attention\(model, input_size\)"
+    with pytest.raises(ValueError, match=message):
         swin(torch.empty(2, 3, 32, 32, device="meta"))
 
 
@@ -521,10 +523,11 @@ def test_unknown_attention_and_bad_factories():
 def test_build_errors_name_the_site_and_the_argument_to_change():
     model = build(tvm.resnet18)
     # layer1 of a 68x32 input is 17x8: no level above 1 splits 17 rows into stripes.
-    with pytest.raises(ValueError, match=r"built for site 'layer1' \(64 channels, feat_size \(17, 8\)\).*"
-                                         r"levels=1.*; pass levels= through insert_attention\(\.\.\., \*\*kwargs\)"):
+    message = r"built for site 'layer1' \(64 channels, feat_size \(17, 8\)\).*levels=1.*; " \
+              r"pass levels= through insert_attention\(\.\.\., \*\*kwargs\)"
+    with pytest.raises(ValueError, match=message):
         ra.insert_attention(model, "apnet_s", sites=["layer1"], input_size=(68, 32), levels=3)
-    with pytest.raises(ValueError, match=r"site 'layer1'.*channel_ratio must be >= 1.*pass channel_ratio= through"):
+    with pytest.raises(ValueError, match=r"site 'layer1'.*channel_ratio must be >= 1.*pass channel_ratio= "):
         ra.insert_attention(model, "rga_s", input_size=(64, 32), channel_ratio=0)
     with pytest.raises(TypeError, match=r"site 'layer1'.*unexpected keyword argument 'levels'"):
         ra.insert_attention(model, "rga_s", input_size=(64, 32), levels=2)

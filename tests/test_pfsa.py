@@ -65,7 +65,8 @@ def test_softmax_is_softmax_over_positions(impl):
 @pytest.mark.parametrize("normalize", ["sum", "softmax"])
 def test_preserve_scale_is_the_official_map_times_positions(impl, normalize):
     x = torch.rand(3, 16, 12, 4, dtype=torch.float64) + 0.1
-    official, scaled = PFSA(normalize=normalize, impl=impl), PFSA(normalize=normalize, impl=impl, preserve_scale=True)
+    official = PFSA(normalize=normalize, impl=impl)
+    scaled = PFSA(normalize=normalize, impl=impl, preserve_scale=True)
     a = scaled.attention(x)
     torch.testing.assert_close(a, official.attention(x) * 48, rtol=1e-13, atol=0)
     torch.testing.assert_close(a.mean((2, 3)), torch.ones(3, 1, dtype=torch.float64))  # mean 1
@@ -75,7 +76,8 @@ def test_preserve_scale_is_the_official_map_times_positions(impl, normalize):
     assert 0.5 < scaled(x).norm() / x.norm() < 2 and official(x).norm() / x.norm() < 0.1
     # gradients: the official layer's times H*W
     for pool in (False, True):
-        torch.testing.assert_close(grads(scaled, x, pool)[1], grads(official, x, pool)[1] * 48, rtol=1e-10, atol=0)
+        expected = grads(official, x, pool)[1] * 48
+        torch.testing.assert_close(grads(scaled, x, pool)[1], expected, rtol=1e-10, atol=0)
     assert "preserve_scale=True" in repr(scaled)
 
 

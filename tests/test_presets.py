@@ -139,6 +139,14 @@ def test_argument_errors():
         ra.presets.apnet_resnet50(variant="x")
     with pytest.raises(TypeError, match="stem_relu must be a bool"):
         ra.presets.apnet_resnet50(stem_relu="no")
-    # layer2's 8x4 map: RGA's default ratios leave no width there
-    with pytest.raises(ValueError, match="site 'layer2'"), torch.device("meta"):
-        ra.presets.rga_resnet50(input_size=SMALL)
+
+def test_build_errors_name_the_preset_argument():
+    with torch.device("meta"):
+        ra.presets.rga_resnet50(input_size=SMALL)  # 8x4 and 4x2 maps: the width floors build them
+        with pytest.raises(ValueError, match=r"site 'layer1'.*channel_ratio must be >= 1.*"
+                                             r"pass channel_ratio= through ra.presets.rga_resnet50"):
+            ra.presets.rga_resnet50(channel_ratio=0)
+        # 100x50 input: the stem's map is 25x13, and 25 rows make no two stripes
+        with pytest.raises(ValueError, match=r"site 'maxpool' \(64 channels, feat_size \(25, 13\)\).*"
+                                             r"pass level= through ra.presets.apnet_resnet50"):
+            ra.presets.apnet_resnet50(variant="s", level=2, input_size=(100, 50))

@@ -299,9 +299,9 @@ def test_apnet_s_fused_makes_one_batched_call_per_level(monkeypatch):
     calls = []
     real = pyramid.relation_logits_fused
 
-    def counting(tokens, branches):
+    def counting(tokens, branches, **kw):
         calls.append((tuple(tokens.shape), len(branches)))
-        return real(tokens, branches)
+        return real(tokens, branches, **kw)
 
     m = apnet_s(8, (8, 4), levels=3)  # built (and calibrated) before counting
     monkeypatch.setattr(pyramid, "relation_logits_fused", counting)

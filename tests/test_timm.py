@@ -51,8 +51,8 @@ def test_layers_as_timm_attn_layer(layer):
     logits = model(x)
     assert logits.shape == (2, 1000) and torch.isfinite(logits).all()
     logits.square().mean().backward()
-    attention = [p for m in model.modules() if isinstance(m, layer) for p in m.parameters() if p.requires_grad]
-    assert all(p.grad is not None for p in attention)
+    layers = [m for m in model.modules() if isinstance(m, layer)]
+    assert all(p.grad is not None for m in layers for p in m.parameters() if p.requires_grad)
 
 
 def test_vit_feature_maps_end_at_the_patch_embedding():

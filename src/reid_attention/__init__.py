@@ -7,7 +7,7 @@ Layers: :class:`RGA` (RGA-S / RGA-C / RGA-SC), :class:`ParameterFreeSpatialAtten
 from importlib import metadata as _metadata
 
 from .registry import create_attention, list_attentions, register_attention
-from .inference import fuse_for_inference
+from .inference import fold_batchnorm_scales, fuse_for_inference
 from .pfsa import ParameterFreeSpatialAttention
 from .pyramid import APNetC, APNetS
 from .rga import RGA
@@ -21,6 +21,7 @@ __all__ = [
     "RGA",
     "convert",
     "create_attention",
+    "fold_batchnorm_scales",
     "fuse_for_inference",
     "insert_attention",
     "list_attentions",

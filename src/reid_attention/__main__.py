@@ -9,8 +9,10 @@ from typing import List, Optional
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: reid-attention bench [layers|network|sweep] [options]   (see: reid-attention bench -h)\n"
-              "       reid-attention sites MODEL [--input HxW] [--format table|json] [--all]")
+        print(
+            "usage: reid-attention bench [layers|network|sweep] [options]   (see: reid-attention bench -h)\n"
+            "       reid-attention sites MODEL [--input HxW] [--format table|json] [--all]"
+        )
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
         from . import __version__  # the installed distribution's (importlib.metadata)

@@ -608,9 +608,7 @@ def resize_attention(model: nn.Module, input_size: SizeLike, *, mode: str = "bil
     """
     _check_model(model)
     size = pair("input_size", input_size)
-    layers = [
-        (name, module) for name, module in model.named_modules() if _is_inserted(module) and _size_tied(module)
-    ]
+    layers = [(name, m) for name, m in model.named_modules() if _is_inserted(m) and _size_tied(m)]
     if not layers:
         return model
     maps = _probe(model, size)

@@ -53,8 +53,10 @@ def build_model(name: str) -> nn.Module:
     """
     builder = _builder(name)
     if builder is None:
-        raise LookupError(f"unknown model {name!r}: not a torchvision model (torchvision.models.list_models()) "
-                          "nor a timm model (timm.list_models())")
+        raise LookupError(
+            f"unknown model {name!r}: not a torchvision model (torchvision.models.list_models()) "
+            "nor a timm model (timm.list_models())"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. GoogLeNet's note on its initialisation
         try:
@@ -93,7 +95,8 @@ def table(entries: List[dict]) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="reid-attention sites",
-        description="List where attention can go in a torchvision or timm model (random weights, meta device).",
+        description="List where attention can go in a torchvision or timm model "
+        "(random weights, meta device).",
     )
     p.add_argument("model", help="torchvision or timm model name, e.g. resnet50, convnext_tiny, regnety_016")
     p.add_argument("--input", type=parse_size, default=(256, 128), metavar="HxW",
