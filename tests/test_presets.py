@@ -140,6 +140,7 @@ def test_argument_errors():
     with pytest.raises(TypeError, match="stem_relu must be a bool"):
         ra.presets.apnet_resnet50(stem_relu="no")
 
+
 def test_build_errors_name_the_preset_argument():
     with torch.device("meta"):
         ra.presets.rga_resnet50(input_size=SMALL)  # 8x4 and 4x2 maps: the width floors build them
