@@ -87,3 +87,12 @@ def test_memory_validation_and_no_grad():
         assert m(torch.rand(2, 8, 4, 4)).shape == (2, 8, 4, 4)
     with pytest.raises(ValueError, match="memory must be one of"):
         m.memory = None
+
+
+def test_lean_with_stripes_whose_norms_differ_takes_the_default_path():
+    """APNet-S stripes normalised one by one (different eps): no recomputation, same step."""
+    default = build("apnet_s").train()
+    default.levels[1][1].gg_spatial[1].eps = 1e-3
+    lean = copy.deepcopy(default)
+    lean.memory = "lean"
+    assert_same_step(run_step(default, x_()), run_step(lean, x_()))

@@ -226,13 +226,13 @@ def _embed_and_weigh(theta_phi: Tensor, g: Tensor, branches, update_statistics: 
 
 
 def _recomputable(branches: Sequence[RelationBranch]) -> bool:
-    """Whether the embedding and W network may be recomputed: their norms take the one-kernel
-    route (a module called again would run twice: hooks, SyncBatchNorm's communication)."""
-    return all(
-        one_kernel([b.gg[1]]) and one_kernel([b.W[1]]) and one_kernel([b.W[4]])
-        and all(is_plain(a, nn.ReLU) for a in (b.gg[2], b.W[2]))
-        for b in branches
-    )
+    """Whether the embedding and W network may be recomputed: each of their norm groups (as
+    :func:`relation_embedding` and :func:`w_network` pass them) takes the one-kernel route, and
+    their activations are plain ReLUs (a module called again would run twice: hooks,
+    SyncBatchNorm's communication)."""
+    groups = ([b.gg[1] for b in branches], [b.W[1] for b in branches], [b.W[4] for b in branches])
+    acts = [a for b in branches for a in (b.gg[2], b.W[2])]
+    return all(one_kernel(group) for group in groups) and all(is_plain(a, nn.ReLU) for a in acts)
 
 
 def _lean(theta_phi: Tensor, g: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
