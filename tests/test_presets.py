@@ -151,3 +151,13 @@ def test_build_errors_name_the_preset_argument():
         with pytest.raises(ValueError, match=r"site 'maxpool' \(64 channels, feat_size \(25, 13\)\).*"
                                              r"pass level= through ra.presets.apnet_resnet50"):
             ra.presets.apnet_resnet50(variant="s", level=2, input_size=(100, 50))
+
+
+def test_norm_layer_reaches_backbone_and_attention():
+    from torchvision.ops import FrozenBatchNorm2d
+
+    with torch.device("meta"):
+        for net in (ra.presets.rga_resnet50(norm_layer=FrozenBatchNorm2d),
+                    ra.presets.apnet_resnet50(variant="s", norm_layer=FrozenBatchNorm2d)):
+            assert not [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+            assert isinstance(net.bn1, FrozenBatchNorm2d)

@@ -22,7 +22,7 @@ Official checkpoints convert with :mod:`reid_attention.convert`.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from torch import Tensor, nn
 
@@ -58,7 +58,7 @@ class ReIDResNet(nn.Module):
         return self.forward_features(x).mean((2, 3))
 
 
-def _resnet50(weights: object) -> nn.Module:
+def _resnet50(weights: object, norm_layer: Optional[Callable[[int], nn.Module]]) -> nn.Module:
     """torchvision's ResNet-50 with last stride 1: ImageNet weights from a torchvision weights
     enum (or its name), random init for None or a state_dict (loaded into the finished preset)."""
     from torchvision.models import WeightsEnum, resnet50
@@ -68,7 +68,8 @@ def _resnet50(weights: object) -> nn.Module:
             "weights must be None, a torchvision weights enum (e.g. ResNet50_Weights.IMAGENET1K_V2) "
             f"or a state_dict, got {type(weights).__name__}"
         )
-    model = resnet50(weights=None if isinstance(weights, Mapping) else weights)
+    norm = {} if norm_layer is None else {"norm_layer": norm_layer}  # torchvision's default otherwise
+    model = resnet50(weights=None if isinstance(weights, Mapping) else weights, **norm)
     return set_last_stride(model, 1)
 
 
@@ -120,7 +121,8 @@ def rga_resnet50(
         weights: None (random init), a torchvision weights enum for the ResNet-50 (ImageNet), or a
             state_dict: a torchvision ResNet-50's (``fc.*`` ignored) or this model's, e.g. from
             :func:`reid_attention.convert.from_official_rga`.
-        **rga_kwargs: channel_ratio, spatial_ratio, down_ratio, impl (see :class:`~reid_attention.RGA`).
+        **rga_kwargs: channel_ratio, spatial_ratio, down_ratio, impl, memory (see
+            :class:`~reid_attention.RGA`); ``norm_layer`` is used by the ResNet-50 too.
     """
     kind = {(True, True): "rga_sc", (True, False): "rga_s", (False, True): "rga_c"}.get(
         (bool(spatial), bool(channel))
@@ -128,7 +130,8 @@ def rga_resnet50(
     if kind is None:
         raise ValueError("rga_resnet50 needs spatial=True, channel=True or both")
     caller = _Caller("ra.presets.rga_resnet50(..., **rga_kwargs)")
-    return _finish(_resnet50(weights), weights, kind, _LAYERS, input_size, caller, **rga_kwargs)
+    model = _resnet50(weights, rga_kwargs.get("norm_layer"))
+    return _finish(model, weights, kind, _LAYERS, input_size, caller, **rga_kwargs)
 
 
 def apnet_resnet50(
@@ -151,14 +154,15 @@ def apnet_resnet50(
         stem_relu: keep the stem's ReLU; the official model has none (conv1-bn1-maxpool).
         weights: None, a torchvision weights enum, or a state_dict (torchvision's or this model's,
             e.g. from :func:`reid_attention.convert.from_official_apnet`).
-        **attention_kwargs: passed to every APNetC / APNetS (e.g. ``impl``, ``se_hidden``).
+        **attention_kwargs: passed to every APNetC / APNetS (e.g. ``impl``, ``se_hidden``);
+            ``norm_layer`` is used by the ResNet-50 too.
     """
     names = {"c": "apnet_c", "s": "apnet_s"}
     if variant not in names:
         raise ValueError(f"variant must be 'c' or 's', got {variant!r}")
     if not isinstance(stem_relu, bool):
         raise TypeError(f"stem_relu must be a bool, got {type(stem_relu).__name__}")
-    model = _resnet50(weights)
+    model = _resnet50(weights, attention_kwargs.get("norm_layer"))
     if not stem_relu:
         model.relu = nn.Identity()
     caller = _Caller("ra.presets.apnet_resnet50(..., **attention_kwargs)", {"levels": "level"})
