@@ -158,6 +158,19 @@ def test_property_fused_equals_reference(case):
         assert g_fused.abs().sum() > 0
 
 
+@pytest.mark.parametrize("normalize", ["sum", "softmax"])
+@pytest.mark.parametrize("sign", ["nonnegative", "negative", "mixed"])
+@pytest.mark.parametrize("pool", [False, True])
+def test_fused_equals_reference_for_every_sign(normalize, sign, pool):
+    """Every normalize x sign pair, drawn or not by the property test above (mixed signs under
+    the sum normaliser are where a sign slip in the fused backward shows)."""
+    x = make_input((2, 4, 5, 3), sign)
+    ref, fused = twins(normalize=normalize)
+    (y_ref, g_ref), (y_fused, g_fused) = grads(ref, x, pool), grads(fused, x, pool)
+    torch.testing.assert_close(y_fused, y_ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g_fused, g_ref, rtol=1e-10, atol=1e-12)
+
+
 @settings(max_examples=10, deadline=None)
 @given(
     st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
