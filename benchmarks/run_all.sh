@@ -26,6 +26,9 @@ step pyramid_sites_retain_pfsa $PY benchmarks/pyramid_sites.py --threads 2 --onl
 step default $PY -m reid_attention bench --threads 2 --format json --out $R/default_cpu.json --quiet
 step network $PY -m reid_attention bench network --threads 2 --batch 8 --memory-batch 32 \
     --sites layer1,layer2,layer3,layer4 --repeat 10 --format json --out $R/network_resnet50_rga_sc_cpu.json --quiet
+step network_lean $PY -m reid_attention bench network --threads 2 --batch 8 --memory-batch 32 \
+    --sites layer1,layer2,layer3,layer4 --repeat 10 --memory lean --format json \
+    --out $R/network_resnet50_rga_sc_cpu_lean.json --quiet
 step network_accumulate $PY -m reid_attention bench network --threads 2 --batch 8 --memory-batch 0 \
     --sites layer1,layer2,layer3,layer4 --repeat 10 --step accumulate --format json \
     --out $R/network_resnet50_rga_sc_cpu_accumulate.json --quiet

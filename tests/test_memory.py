@@ -1,4 +1,5 @@
-"""``memory="lean"``: the relation embedding and W network recomputed in backward.
+"""``memory="lean"``: everything after the projection GEMMs recomputed in backward; and the
+fused RGA-SC's spatially gated map never kept for backward (either mode).
 
 Same outputs, gradients and BatchNorm statistics (counted once) as the default, in float64;
 fewer bytes kept for backward (counted with saved-tensor hooks, not timed); norms that are not
@@ -96,3 +97,49 @@ def test_lean_with_stripes_whose_norms_differ_takes_the_default_path():
     lean = copy.deepcopy(default)
     lean.memory = "lean"
     assert_same_step(run_step(default, x_()), run_step(lean, x_()))
+
+
+@pytest.mark.parametrize("memory", ["default", "lean"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rga_sc_keeps_no_gated_map_for_backward(memory, channels_last):
+    """Of the full-size maps only the input is kept: y1 = x * s1 is recomputed in backward."""
+    torch.manual_seed(0)
+    module = ra.RGA(16, (8, 8), memory=memory).train()
+    x = torch.rand(4, 16, 8, 8)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    full = []
+
+    def pack(t):
+        if t.numel() == x.numel() and t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+            full.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    assert full == []
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rga_sc_gated_functions_gradcheck(channels_last):
+    """The two autograd Functions behind the unstored gated map, checked numerically."""
+    from reid_attention.rga import _DoubleGate, _GatedChannelProjection
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    s1 = torch.rand(2, 1, 4, 5, generator=g, dtype=torch.float64)
+    s2 = torch.rand(2, 3, 1, 1, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    for t in (x, s1, s2, w):
+        t.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c: _DoubleGate.apply(a, b, c, (a * b).detach()), (x, s1, s2))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: _GatedChannelProjection.apply(a, b, c, torch.float64)[0], (x, s1, w)
+    )
+    proj, y1 = _GatedChannelProjection.apply(x, s1, w, torch.float64)
+    assert torch.equal(y1, x * s1) and not y1.requires_grad
+    expected = torch.matmul(w, (x * s1).flatten(2).transpose(1, 2)).unsqueeze(1)
+    torch.testing.assert_close(proj, expected, rtol=0, atol=1e-12)

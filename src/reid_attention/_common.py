@@ -52,9 +52,11 @@ class ImplSwitch:
 class MemorySwitch:
     """Mixin of the relation layers: ``memory`` ("default" | "lean"), validated on assignment.
 
-    ``"lean"``: the fused path recomputes the relation embedding and the W network in backward
-    instead of keeping their activations (the largest a training step keeps: n/s x n per
-    sample); same gradients and statistics, more time (see the benchmark results).
+    ``"lean"``: the fused path keeps, of each agent's computation after its projection GEMM,
+    only that GEMM's output (3d' x n per sample) for backward and recomputes the norms, the
+    relation embedding and the W network there (their n/s x n activations are the largest a
+    training step keeps); same gradients and statistics. Exact BatchNorms and plain ReLUs only
+    (a module must not run twice); other norms keep the default path.
     """
 
     _memory: str = "default"
@@ -135,6 +137,15 @@ def check_input(
 def compute_dtype(x: Tensor) -> torch.dtype:
     """Relation products and normalisers accumulate in float32 for half inputs (float64 stays)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a GEMM on x runs in: autocast's where it is on for x's device (float64 is
+    never cast), else x's own."""
+    device = x.device.type
+    if device != "meta" and x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def no_autocast(x: Tensor):

@@ -170,21 +170,34 @@ def _project(weight: Tensor, tokens: Tensor) -> Tensor:
     return F.conv1d(t, weight[0].unsqueeze(-1)).unsqueeze(1)
 
 
-def projections(tokens: Tensor, branches: Sequence[RelationBranch]) -> Tuple[Tensor, Tensor]:
-    """theta, phi and g of every agent from one batched GEMM over the input (autocast applies).
+def _projection_parts(branches: Sequence[RelationBranch]) -> list:
+    """theta, phi and g of every agent, in the order of the projection GEMM's output channels."""
+    return [p for b in branches for p in (CBRParts(*b.theta), CBRParts(*b.phi), CBRParts(*b.gx))]
 
-    tokens (B, G, d, n) -> theta_phi (B, G, 2, d', n) and g (B, G, 1, n), in the compute dtype.
-    """
-    batch, groups, _, n = tokens.shape
-    parts = [[CBRParts(*b.theta), CBRParts(*b.phi), CBRParts(*b.gx)] for b in branches]
-    w_proj = torch.stack([torch.cat([p.conv.weight for p in ps]).flatten(1) for ps in parts])
-    proj = _project(w_proj.to(tokens.dtype), tokens)  # (B, G, 3d', n)
-    d_inner = proj.shape[2] // 3
-    with no_autocast(tokens):
-        flat = proj.to(compute_dtype(tokens)).reshape(batch, groups * 3 * d_inner, n)
-        flat = norm_channels(flat, [p.norm for ps in parts for p in ps])
-        proj = _activate(flat, [p.act for ps in parts for p in ps]).view(batch, groups, 3, d_inner, n)
-        return proj[:, :, :2], proj[:, :, 2].mean(2, keepdim=True)
+
+def projection_weight(branches: Sequence[RelationBranch]) -> Tensor:
+    """The 1x1 weights of theta, phi and g of every agent stacked: (G, 3d', d)."""
+    parts = _projection_parts(branches)
+    return torch.cat([p.conv.weight for p in parts]).flatten(1).view(len(branches), -1, parts[0].conv.in_channels)
+
+
+def projections(tokens: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
+    """theta, phi and g of every agent before their norms: one batched GEMM over the input
+    (autocast applies). tokens (B, G, d, n) -> (B, G, 3d', n)."""
+    return _project(projection_weight(branches).to(tokens.dtype), tokens)
+
+
+def activated_projections(
+    proj: Tensor, branches: Sequence[RelationBranch], dtype: torch.dtype, update_statistics: bool = True
+) -> Tuple[Tensor, Tensor]:
+    """The projections' norms and activations, in ``dtype``: theta_phi (B, G, 2, d', n) and the
+    channel mean of g (B, G, 1, n)."""
+    batch, groups, width, n = proj.shape
+    parts = _projection_parts(branches)
+    flat = norm_channels(proj.to(dtype).reshape(batch, groups * width, n), [p.norm for p in parts],
+                         update_statistics=update_statistics)
+    proj = _activate(flat, [p.act for p in parts]).view(batch, groups, 3, width // 3, n)
+    return proj[:, :, :2], proj[:, :, 2].mean(2, keepdim=True)
 
 
 def relation_embedding(theta_phi: Tensor, branches: Sequence[RelationBranch], update_statistics: bool = True) -> Tensor:
@@ -221,49 +234,61 @@ def w_network(emb: Tensor, g: Tensor, branches: Sequence[RelationBranch], update
     return norm_channels(logits.view(batch, groups, n), [p.norm2 for p in w], update_statistics=update_statistics)
 
 
-def _embed_and_weigh(theta_phi: Tensor, g: Tensor, branches, update_statistics: bool = True) -> Tensor:
+def _after_projections(proj: Tensor, branches, dtype: torch.dtype, update_statistics: bool = True) -> Tensor:
+    """Everything after the projection GEMM: its norms, the embedding and the W network."""
+    theta_phi, g = activated_projections(proj, branches, dtype, update_statistics)
     return w_network(relation_embedding(theta_phi, branches, update_statistics), g, branches, update_statistics)
 
 
 def _recomputable(branches: Sequence[RelationBranch]) -> bool:
-    """Whether the embedding and W network may be recomputed: each of their norm groups (as
-    :func:`relation_embedding` and :func:`w_network` pass them) takes the one-kernel route, and
-    their activations are plain ReLUs (a module called again would run twice: hooks,
-    SyncBatchNorm's communication)."""
-    groups = ([b.gg[1] for b in branches], [b.W[1] for b in branches], [b.W[4] for b in branches])
-    acts = [a for b in branches for a in (b.gg[2], b.W[2])]
+    """Whether everything after the projection GEMM may be recomputed: each norm group (as
+    :func:`activated_projections`, :func:`relation_embedding` and :func:`w_network` pass them)
+    takes the one-kernel route, and every activation is a plain ReLU (a module called again
+    would run twice: hooks, SyncBatchNorm's communication)."""
+    parts = _projection_parts(branches)
+    groups = ([p.norm for p in parts], [b.gg[1] for b in branches], [b.W[1] for b in branches],
+              [b.W[4] for b in branches])
+    acts = [p.act for p in parts] + [a for b in branches for a in (b.gg[2], b.W[2])]
     return all(one_kernel(group) for group in groups) and all(is_plain(a, nn.ReLU) for a in acts)
 
 
-def _lean(theta_phi: Tensor, g: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
-    """The embedding and W network, their (B, n/s, n) activations recomputed in backward.
+def _recomputed(proj: Tensor, branches: Sequence[RelationBranch], dtype: torch.dtype) -> Tensor:
+    """:func:`_after_projections` keeping only its input, the projection (B, G, 3d', n) before
+    its norms, and the logits: every other activation is recomputed in backward.
 
-    Only theta_phi and g (and the logits) are kept; backward runs the block again with
-    ``update_statistics=False`` so BatchNorm statistics are counted once, and normalises with
-    the same batch statistics (the same input gives the same values).
+    Backward runs the block again with ``update_statistics=False`` so BatchNorm statistics are
+    counted once; the recomputation normalises with the same batch statistics (the same input
+    gives the same values).
     """
     calls = []
 
-    def block(theta_phi: Tensor, g: Tensor) -> Tensor:
+    def block(proj: Tensor) -> Tensor:
         first = not calls
         calls.append(True)
-        return _embed_and_weigh(theta_phi, g, branches, update_statistics=first)
+        return _after_projections(proj, branches, dtype, update_statistics=first)
 
-    return checkpoint(block, theta_phi, g, use_reentrant=False, preserve_rng_state=False)
+    return checkpoint(block, proj, use_reentrant=False, preserve_rng_state=False)
 
 
 def relation_logits_fused(tokens: Tensor, branches: Sequence[RelationBranch], *, lean: bool = False) -> Tensor:
     """Same function as the reference for G stacked agents, without the n x n relation.
 
     tokens: (B, G, d, n), agent g reading ``tokens[:, g]``; returns logits (B, G, n).
-    ``lean``: recompute the embedding and W network in backward instead of keeping their
-    activations (taken when the gradient is needed and :func:`_recomputable` holds).
     """
-    theta_phi, g = projections(tokens, branches)
-    with no_autocast(tokens):
+    return logits_from_projections(projections(tokens, branches), branches, lean=lean)
+
+
+def logits_from_projections(proj: Tensor, branches: Sequence[RelationBranch], *, lean: bool = False) -> Tensor:
+    """The logits (B, G, n) from the projections before their norms (:func:`projections`).
+
+    ``lean``: keep only ``proj`` for backward and recompute the rest (taken when the gradient
+    is needed and :func:`_recomputable` holds).
+    """
+    with no_autocast(proj):
+        dtype = compute_dtype(proj)
         if lean and torch.is_grad_enabled() and _recomputable(branches):
-            return _lean(theta_phi, g, branches)
-        return _embed_and_weigh(theta_phi, g, branches)
+            return _recomputed(proj, branches, dtype)
+        return _after_projections(proj, branches, dtype)
 
 
 def gate(x: Tensor, logits: Tensor, shape: Sequence[int]) -> Tensor:

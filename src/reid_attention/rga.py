@@ -30,13 +30,25 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ._common import ImplSwitch, MemorySwitch, check_input, check_positive_int, compute_dtype, feat_pair, where
+from ._common import (
+    ImplSwitch,
+    MemorySwitch,
+    autocast_dtype,
+    check_input,
+    check_positive_int,
+    compute_dtype,
+    feat_pair,
+    no_autocast,
+    where,
+)
 from ._norm import NormLayer
 from ._relation import (
     AxisWidths,
     RelationBranch,
     build_branch,
     gate,
+    logits_from_projections,
+    projection_weight,
     relation_logits_fused,
     relation_logits_reference,
 )
@@ -64,6 +76,55 @@ def _replace_conv_input(conv: nn.Conv2d, weight: Tensor) -> None:
     conv.in_channels = weight.shape[1]
 
 
+class _GatedChannelProjection(torch.autograd.Function):
+    """RGA-SC's channel-axis projection of y1 = x * s1 (s1 the spatial gate, (B, 1, H, W)),
+    keeping x and s1 for backward instead of y1 (a full map): y1 is recomputed there.
+
+    Token c is channel c of y1 (H*W features), so the projection is y1 (B, C, H*W) @ weight^T
+    -> (B, 3d', C), returned as :func:`projections` does, (B, 1, 3d', C); the GEMM runs in
+    ``dtype`` (autocast's, as on the plain path). y1 is returned too, without a gradient, for
+    :class:`_DoubleGate` to reuse.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, s1: Tensor, weight: Tensor, dtype: torch.dtype):
+        ctx.save_for_backward(x, s1, weight)
+        ctx.dtype = dtype
+        y1 = x * s1
+        ctx.mark_non_differentiable(y1)
+        proj = torch.matmul(y1.flatten(2).to(dtype), weight.to(dtype).t())
+        return proj.transpose(1, 2).unsqueeze(1), y1
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _):
+        x, s1, weight = ctx.saved_tensors
+        grad = grad.squeeze(1).transpose(1, 2).to(ctx.dtype)  # (B, C, 3d')
+        y1 = (x * s1).flatten(2).to(ctx.dtype)
+        grad_weight = grad.reshape(-1, grad.shape[2]).t().mm(y1.reshape(-1, y1.shape[2]))
+        grad_y1 = torch.matmul(grad, weight.to(ctx.dtype)).view_as(x).to(x.dtype)
+        return grad_y1 * s1, (grad_y1 * x).sum(1, keepdim=True), grad_weight.to(weight.dtype), None
+
+
+class _DoubleGate(torch.autograd.Function):
+    """RGA-SC's output y1 * s2 with y1 = x * s1 (gates (B, 1, H, W) and (B, C, 1, 1)), keeping x
+    and the two gates for backward instead of y1. Backward needs no y1: with u = grad * x,
+    grad_s2 = sum_hw u * s1 and grad_s1 = sum_c u * s2, each one batched matrix-vector product."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, s1: Tensor, s2: Tensor, y1: Tensor) -> Tensor:
+        ctx.save_for_backward(x, s1, s2)
+        return y1 * s2
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, s1, s2 = ctx.saved_tensors
+        b, c, h, w = x.shape
+        u = (grad * x).flatten(2)  # (B, C, HW)
+        grad_s2 = torch.bmm(u, s1.reshape(b, h * w, 1)).view_as(s2)
+        grad_s1 = torch.bmm(s2.reshape(b, 1, c), u).view_as(s1)
+        return grad * s2 * s1, grad_s1, grad_s2, None
+
+
 class RGA(ImplSwitch, MemorySwitch, nn.Module):
     """Relation-aware global attention: RGA-S, RGA-C or RGA-SC on a (B, C, H, W) map.
 
@@ -86,8 +147,11 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
             ``nn.SyncBatchNorm.convert_sync_batchnorm`` and swapped norms take effect.
         impl: ``"fused"`` (default, never builds the relation matrix) or ``"reference"``
             (the official computation); settable on a built module.
-        memory: ``"default"`` or ``"lean"`` (fused path: the relation embedding and W network
-            are recomputed in backward, not stored; exact BatchNorms only); settable.
+        memory: ``"default"`` or ``"lean"`` (fused path: only each axis' projection GEMM output
+            is kept for backward, the rest is recomputed there; exact BatchNorms only, see
+            :class:`reid_attention._common.MemorySwitch`); settable. In either mode the fused
+            RGA-SC keeps no copy of the spatially gated map for backward (it is recomputed
+            from the input and the gate).
         device, dtype: torch's factory keywords for the parameters and buffers.
 
     The state_dict keys and shapes equal the official ``RGA_Module(channels, H*W, ...)``.
@@ -200,12 +264,28 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, where(self), self.channels, self.feat_size)
         b, c, h, w = x.shape
+        if self.spatial and self.channel and self._impl == "fused" and torch.is_grad_enabled():
+            return self._spatial_then_channel(x)
         if self.spatial:
             x = gate(x, self.spatial_logits(x), (b, 1, h, w))
         if self.channel:
             channel_tokens = rearrange(x, "b c h w -> b (h w) c")  # tokens are the channels
             x = gate(x, self._logits(channel_tokens, "channel"), (b, c, 1, 1))
         return x
+
+    def _spatial_then_channel(self, x: Tensor) -> Tensor:
+        """RGA-SC on the fused path in training: the same function as gating twice, without
+        keeping the spatially gated map y1 = x * s1 for backward (x, already kept by the spatial
+        gate, and the two gates are kept; y1 is recomputed where backward needs it)."""
+        b, c, h, w = x.shape
+        s1 = torch.sigmoid(self.spatial_logits(x)).view(b, 1, h, w).to(x.dtype)
+        branch = self.branch("channel")
+        dtype = autocast_dtype(x)
+        with no_autocast(x):
+            proj, y1 = _GatedChannelProjection.apply(x, s1, projection_weight([branch])[0], dtype)
+        logits = logits_from_projections(proj, [branch], lean=self._memory == "lean")
+        s2 = torch.sigmoid(logits).view(b, c, 1, 1).to(x.dtype)
+        return _DoubleGate.apply(x, s1, s2, y1)
 
     def extra_repr(self) -> str:
         kind = {(True, True): "sc", (True, False): "s", (False, True): "c"}[(self.spatial, self.channel)]
