@@ -101,8 +101,10 @@ class _GatedChannelProjection(torch.autograd.Function):
         grad = grad.squeeze(1).transpose(1, 2).to(ctx.dtype)  # (B, C, 3d')
         y1 = (x * s1).flatten(2).to(ctx.dtype)
         grad_weight = grad.reshape(-1, grad.shape[2]).t().mm(y1.reshape(-1, y1.shape[2]))
+        del y1  # backward's transients stay at two maps
         grad_y1 = torch.matmul(grad, weight.to(ctx.dtype)).view_as(x).to(x.dtype)
-        return grad_y1 * s1, (grad_y1 * x).sum(1, keepdim=True), grad_weight.to(weight.dtype), None
+        grad_s1 = (grad_y1 * x).sum(1, keepdim=True)
+        return grad_y1.mul_(s1), grad_s1, grad_weight.to(weight.dtype), None
 
 
 class _DoubleGate(torch.autograd.Function):
@@ -122,7 +124,8 @@ class _DoubleGate(torch.autograd.Function):
         u = (grad * x).flatten(2)  # (B, C, HW)
         grad_s2 = torch.bmm(u, s1.reshape(b, h * w, 1)).view_as(s2)
         grad_s1 = torch.bmm(s2.reshape(b, 1, c), u).view_as(s1)
-        return grad * s2 * s1, grad_s1, grad_s2, None
+        del u
+        return (grad * s2).mul_(s1), grad_s1, grad_s2, None
 
 
 class RGA(ImplSwitch, MemorySwitch, nn.Module):
