@@ -71,6 +71,11 @@ class MemorySwitch:
             raise ValueError(f"memory must be one of {MEMORY_MODES}, got {value!r}")
         self._memory = value
 
+    @property
+    def _lean(self) -> bool:
+        """Whether ``memory == "lean"``."""
+        return self._memory == "lean"
+
 
 def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):

@@ -291,6 +291,11 @@ def logits_from_projections(proj: Tensor, branches: Sequence[RelationBranch], *,
         return _after_projections(proj, branches, dtype)
 
 
+def gate_values(logits: Tensor, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """sigmoid(logits) viewed as ``shape`` (broadcastable against the map) in the map's dtype."""
+    return torch.sigmoid(logits).view(shape).to(dtype)
+
+
 def gate(x: Tensor, logits: Tensor, shape: Sequence[int]) -> Tensor:
     """x * sigmoid(logits), the gate broadcast (never expanded) and cast to x's dtype."""
-    return x * torch.sigmoid(logits).view(shape).to(x.dtype)
+    return x * gate_values(logits, shape, x.dtype)

@@ -417,7 +417,7 @@ class APNetS(ImplSwitch, MemorySwitch, nn.Module):
             if self._impl == "reference":
                 x = stripe_loop(x, level)
             else:
-                x = _stripes_fused(x, level, lean=self._memory == "lean")
+                x = _stripes_fused(x, level, lean=self._lean)
         return x
 
     def extra_repr(self) -> str:

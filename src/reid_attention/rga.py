@@ -47,6 +47,7 @@ from ._relation import (
     RelationBranch,
     build_branch,
     gate,
+    gate_values,
     logits_from_projections,
     projection_weight,
     relation_logits_fused,
@@ -258,7 +259,7 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
         """tokens (B, d, n) -> logits (B, 1, n) on the selected path."""
         if self._impl == "reference":
             return relation_logits_reference(tokens, self.branch(axis))
-        return relation_logits_fused(tokens.unsqueeze(1), [self.branch(axis)], lean=self._memory == "lean")
+        return relation_logits_fused(tokens.unsqueeze(1), [self.branch(axis)], lean=self._lean)
 
     def spatial_logits(self, x: Tensor) -> Tensor:
         """RGA-S logits (B, 1, H*W) of a validated input: tokens are the positions."""
@@ -281,13 +282,12 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
         keeping the spatially gated map y1 = x * s1 for backward (x, already kept by the spatial
         gate, and the two gates are kept; y1 is recomputed where backward needs it)."""
         b, c, h, w = x.shape
-        s1 = torch.sigmoid(self.spatial_logits(x)).view(b, 1, h, w).to(x.dtype)
+        s1 = gate_values(self.spatial_logits(x), (b, 1, h, w), x.dtype)
         branch = self.branch("channel")
         dtype = autocast_dtype(x)
         with no_autocast(x):
             proj, y1 = _GatedChannelProjection.apply(x, s1, projection_weight([branch])[0], dtype)
-        logits = logits_from_projections(proj, [branch], lean=self._memory == "lean")
-        s2 = torch.sigmoid(logits).view(b, c, 1, 1).to(x.dtype)
+        s2 = gate_values(logits_from_projections(proj, [branch], lean=self._lean), (b, c, 1, 1), x.dtype)
         return _DoubleGate.apply(x, s1, s2, y1)
 
     def extra_repr(self) -> str:
