@@ -1,5 +1,6 @@
-"""``memory="lean"``: everything after the projection GEMMs recomputed in backward; and the
-fused RGA-SC's spatially gated map never kept for backward (either mode).
+"""``memory="lean"``: everything after the projection GEMMs recomputed in backward, the relation
+embedding walked in batch chunks (never held whole); and the fused RGA-SC's spatially gated map
+never kept for backward (either mode).
 
 Same outputs, gradients and BatchNorm statistics (counted once) as the default, in float64;
 fewer bytes kept for backward (counted with saved-tensor hooks, not timed); norms that are not
@@ -16,6 +17,7 @@ from torch import nn
 
 import reid_attention as ra
 from helpers import assert_same_step, randomize_bn, run_step
+from reid_attention import _embedding as embedding
 
 SIZE_TIED = ["rga_s", "rga_c", "rga_sc", "apnet_s"]
 
@@ -29,9 +31,17 @@ def x_(seed: int = 0) -> torch.Tensor:
     return torch.rand(3, 32, 8, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+@pytest.fixture(params=["whole", "per_sample"])
+def chunks(request, monkeypatch):
+    """The lean embedding's batch in one chunk, or one chunk per sample."""
+    if request.param == "per_sample":
+        monkeypatch.setattr(embedding, "CHUNK_ELEMENTS", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", SIZE_TIED)
 @pytest.mark.parametrize("train", [True, False])
-def test_lean_equals_default(kind, train):
+def test_lean_equals_default(kind, train, chunks):
     default = build(kind).train(train)
     lean = copy.deepcopy(default)
     lean.memory = "lean"
@@ -143,3 +153,108 @@ def test_rga_sc_gated_functions_gradcheck(channels_last):
     assert torch.equal(y1, x * s1) and not y1.requires_grad
     expected = torch.matmul(w, (x * s1).flatten(2).transpose(1, 2)).unsqueeze(1)
     torch.testing.assert_close(proj, expected, rtol=0, atol=1e-12)
+
+
+def _embedding_inputs(affine: bool, train: bool):
+    """theta_phi, w_gg, w1e (float64, two agents) and the agents' BatchNorms."""
+    g = torch.Generator().manual_seed(0)
+    batch, groups, d_inner, n, n_inner, k = 3, 2, 2, 5, 3, 2
+    theta_phi = torch.rand(batch, groups, 2, d_inner, n, generator=g, dtype=torch.float64)
+    w_gg = torch.randn(groups, n_inner, 2 * n, generator=g, dtype=torch.float64)
+    w1e = torch.randn(groups, k, n_inner, generator=g, dtype=torch.float64)
+    norms = [randomize_bn(nn.BatchNorm1d(n_inner, affine=affine).double()).train(train) for _ in range(groups)]
+    return theta_phi, w_gg, w1e, norms
+
+
+def _autograd_form(theta_phi, w_gg, w1e, weight, bias, norms):
+    """W1_E ReLU(BN(a^T theta_phi)) by autograd, one F.batch_norm per agent (counting the
+    batch as the module does)."""
+    batch, groups, _, d_inner, n = theta_phi.shape
+    for bn in norms:
+        bn.num_batches_tracked += int(bn.training)
+    e = torch.matmul(embedding.factors(theta_phi, w_gg).transpose(2, 3), theta_phi.reshape(batch, groups, -1, n))
+    m = w_gg.shape[1]
+    z = torch.cat([
+        torch.nn.functional.batch_norm(
+            e[:, i], bn.running_mean, bn.running_var, None if weight is None else weight[i * m:(i + 1) * m],
+            None if bias is None else bias[i * m:(i + 1) * m], bn.training, bn.momentum, bn.eps,
+        ).unsqueeze(1) for i, bn in enumerate(norms)
+    ], 1)
+    return torch.matmul(w1e, z.relu())
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("train", [True, False])
+def test_lean_embedding_equals_autograd_form(affine, train, chunks):
+    """Output, every gradient (gradcheck too) and the running statistics, against autograd."""
+    theta_phi, w_gg, w1e, norms = _embedding_inputs(affine, train)
+    twins = copy.deepcopy(norms)
+    weight = torch.cat([bn.weight for bn in norms]).detach() if affine else None
+    bias = torch.cat([bn.bias for bn in norms]).detach() if affine else None
+    inputs = [t.clone().requires_grad_() for t in (theta_phi, w_gg, w1e) + ((weight, bias) if affine else ())]
+    params = (lambda t: (t[3], t[4])) if affine else (lambda t: (None, None))
+    lean = embedding.LeanEmbedding.apply(*inputs[:3], *params(inputs), norms, [])
+    ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    ref = _autograd_form(*ref_inputs[:3], *params(ref_inputs), twins)
+    upstream = torch.randn(lean.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lean, ref, **exact)
+    grads = torch.autograd.grad(lean, inputs, upstream)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, upstream)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **exact)
+    for bn, twin in zip(norms, twins):
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(bn, name), getattr(twin, name), **exact)
+    assert torch.autograd.gradcheck(lambda *t: embedding.LeanEmbedding.apply(*t[:3], *params(t), norms, []), inputs)
+
+
+def test_lean_embedding_recomputation_reuses_the_first_run():
+    """A filled stash: the same output, no running statistic touched."""
+    theta_phi, w_gg, w1e, norms = _embedding_inputs(True, True)
+    weight, bias = (torch.cat([getattr(bn, n) for bn in norms]).detach() for n in ("weight", "bias"))
+    stash = []
+    first = embedding.LeanEmbedding.apply(theta_phi, w_gg, w1e, weight, bias, norms, stash)
+    state = copy.deepcopy([bn.state_dict() for bn in norms])
+    again = embedding.LeanEmbedding.apply(theta_phi, w_gg, w1e, weight, bias, norms, stash)
+    assert torch.equal(first, again)
+    for bn, saved in zip(norms, state):
+        for name, value in bn.state_dict().items():
+            assert torch.equal(value, saved[name]), name
+
+
+@pytest.mark.parametrize("memory", ["default", "lean"])
+def test_lean_holds_no_whole_embedding(memory, monkeypatch):
+    """With one sample per chunk, no (B, n/s, n) embedding exists in a lean training step (the
+    default path holds it whole: the check can fail)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(embedding, "CHUNK_ELEMENTS", 1)
+    torch.manual_seed(0)
+    module = ra.RGA(16, (8, 8), channel=False, memory=memory).train()
+    n, n_inner = 64, module.widths["spatial"].tokens
+    x = torch.rand(3, 16, 8, 8, requires_grad=True)
+    shapes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and tuple(t.shape[-2:]) == (n_inner, n):
+                    shapes.append(tuple(t.shape))
+            return out
+
+    with Record():
+        module(x).sum().backward()
+    whole = [s for s in shapes if s[0] == len(x)]  # (B, [1,] n/s, n), not a chunk or a weight
+    assert bool(whole) == (memory == "default"), whole
+
+
+@pytest.mark.parametrize("kind", ["rga_sc", "apnet_s"])
+def test_lean_compiles(kind):
+    """torch.compile(fullgraph=True) of a lean layer trains as the eager default path does."""
+    default = build(kind).train()
+    lean = copy.deepcopy(default)
+    lean.memory = "lean"
+    lean.compile(fullgraph=True, backend="aot_eager")
+    assert_same_step(run_step(default, x_()), run_step(lean, x_()))

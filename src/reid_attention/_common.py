@@ -53,10 +53,13 @@ class MemorySwitch:
     """Mixin of the relation layers: ``memory`` ("default" | "lean"), validated on assignment.
 
     ``"lean"``: the fused path keeps, of each agent's computation after its projection GEMM,
-    only that GEMM's output (3d' x n per sample) for backward and recomputes the norms, the
-    relation embedding and the W network there (their n/s x n activations are the largest a
-    training step keeps); same gradients and statistics. Exact BatchNorms and plain ReLUs only
-    (a module must not run twice); other norms keep the default path.
+    only that GEMM's output (3d' x n per sample) and a few small results (the relation
+    embedding's statistics, factors and its product with W's first conv) for backward, and
+    recomputes the norms and the W network there; the relation embedding, the largest
+    activation of a training step (n/s x n per sample), is computed in batch chunks and never
+    held whole (:mod:`reid_attention._embedding`). Same gradients and statistics. Exact
+    BatchNorms and plain ReLUs only (a module must not run twice); other norms keep the
+    default path.
     """
 
     _memory: str = "default"

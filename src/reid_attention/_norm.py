@@ -11,10 +11,12 @@ Each layer owns its norm modules (built with ``norm_layer``, torchvision's conve
   **Otherwise** every module is called, as a module (its hooks, its own mode, its own
   statistics: SyncBatchNorm after ``convert_sync_batchnorm``, torchvision's FrozenBatchNorm2d,
   GroupNorm, a user's norm), on its slice viewed as a (B, c, L, 1) map.
-* :func:`batchnorm_affine` is APNet-C's fast route: an exact BatchNorm over a map whose
-  per-(sample, channel) means and variances are known is a per-channel affine map, computed
-  without touching the map; APNet-C calls the module on the map wherever the route is not
-  provably the same.
+* :func:`batch_statistics` gives the statistics an exact BatchNorm normalises with from the
+  per-(sample, channel) means and variances of its input, updating the running statistics as
+  the module would: :func:`batchnorm_affine` (APNet-C's fast route: the norm as a per-channel
+  affine map, computed without touching the map; APNet-C calls the module wherever the route is
+  not provably the same) and the memory-lean relation embedding
+  (:mod:`reid_attention._embedding`) are built on it.
 
 The fast routes are taken only when every module is exactly ``nn.BatchNorm1d/2d/3d`` (the
 type, not a subclass), without forward hooks, in one mode with one eps, momentum, affine and
@@ -119,7 +121,7 @@ def norm_channels(x: Tensor, norms: Sequence[nn.Module], *, update_statistics: b
     # its fake-tensor twin keeps the input's strides, and views traced on the fake layout then
     # fail at run time under torch.compile / export (pytorch/pytorch#192668).
     y = F.batch_norm(
-        x.contiguous(), running_mean, running_var, _cat(norms, "weight", dtype), _cat(norms, "bias", dtype),
+        x.contiguous(), running_mean, running_var, *affine_parameters(norms, dtype),
         first.training or running_mean is None, first.momentum, first.eps,
     )
     if track and running_mean is not first.running_mean:
@@ -131,28 +133,45 @@ def norm_channels(x: Tensor, norms: Sequence[nn.Module], *, update_statistics: b
     return y
 
 
-def batchnorm_affine(bn: nn.Module, mean: Tensor, var: Optional[Tensor], count: int) -> Tuple[Tensor, Tensor]:
-    """(scale, shift) (C,) with ``bn(y) = y * scale + shift``, for ``one_kernel([bn])`` modules.
+def batch_statistics(
+    norms: Sequence[nn.Module], mean: Optional[Tensor], var: Optional[Tensor], count: int
+) -> Tuple[Tensor, Tensor]:
+    """The per-channel mean and biased variance (C,) that ``norms`` normalise with, for
+    ``one_kernel(norms)`` modules whose channels, concatenated, are the C channels of a tensor y.
 
     ``mean`` and ``var`` (B, C) are the per-sample mean and biased variance of y over its
-    ``count`` positions (``var`` may be None when ``bn`` uses running statistics). Batch
-    statistics follow from them (law of total variance); the running statistics are updated as
-    calling ``bn`` on y would update them.
+    ``count`` positions (both may be None when the norms use running statistics). Batch
+    statistics follow from them (law of total variance), and the running statistics and
+    counters are updated as calling each module on its channels of y would update them.
     """
-    dtype = mean.dtype
-    if bn.training or bn.running_mean is None:
-        between, mu = torch.var_mean(mean, 0, correction=0)
-        sigma2 = var.mean(0) + between
-        if _track([bn]):
-            n = count * mean.shape[0]
-            with torch.no_grad():
-                bn.running_mean.lerp_(mu.to(bn.running_mean.dtype), bn.momentum)
-                bn.running_var.lerp_((sigma2 * (n / (n - 1))).to(bn.running_var.dtype), bn.momentum)
-    else:
-        mu, sigma2 = bn.running_mean.to(dtype), bn.running_var.to(dtype)
+    first = norms[0]
+    if not (first.training or first.running_mean is None):
+        dtype = first.running_mean.dtype if mean is None else mean.dtype
+        return _cat(norms, "running_mean", dtype), _cat(norms, "running_var", dtype)
+    between, mu = torch.var_mean(mean, 0, correction=0)
+    sigma2 = var.mean(0) + between
+    if _track(norms):
+        n = count * mean.shape[0]
+        sizes = [m.num_features for m in norms]
+        with torch.no_grad():
+            for m, m_mu, m_sigma2 in zip(norms, mu.split(sizes), sigma2.split(sizes)):
+                m.running_mean.lerp_(m_mu.to(m.running_mean.dtype), m.momentum)
+                m.running_var.lerp_((m_sigma2 * (n / (n - 1))).to(m.running_var.dtype), m.momentum)
+    return mu, sigma2
+
+
+def affine_parameters(norms: Sequence[nn.Module], dtype: torch.dtype) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The norms' weights and biases concatenated in ``dtype`` (None without affine)."""
+    return _cat(norms, "weight", dtype), _cat(norms, "bias", dtype)
+
+
+def batchnorm_affine(bn: nn.Module, mean: Tensor, var: Optional[Tensor], count: int) -> Tuple[Tensor, Tensor]:
+    """(scale, shift) (C,) with ``bn(y) = y * scale + shift``, for ``one_kernel([bn])`` modules,
+    from y's per-sample statistics (see :func:`batch_statistics`, which also updates ``bn``'s
+    running statistics)."""
+    mu, sigma2 = batch_statistics([bn], mean, var, count)
     scale = torch.rsqrt(sigma2 + bn.eps)
     if bn.weight is not None:
-        scale = bn.weight.to(dtype) * scale
+        scale = bn.weight.to(mean.dtype) * scale
     shift = -mu * scale
-    return scale, (shift if bn.bias is None else shift + bn.bias.to(dtype))
-
+    return scale, (shift if bn.bias is None else shift + bn.bias.to(mean.dtype))

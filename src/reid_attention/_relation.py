@@ -17,9 +17,14 @@ norm 1, ReLU 2, conv 3, norm 4): :class:`CBRParts` and :class:`WParts` name thos
   stripes). The embedding is linear in R before its norm, so with the embedding weight split
   into the half acting on rows (Wr) and on columns (Wc), ``E_pre = Ar theta + Ac phi`` with
   ``Ar = Wr phi^T`` and ``Ac = Wc theta^T`` (n/s x d'): two thin batched GEMMs instead of an
-  n x n product and a 2n-channel conv. It runs in three named steps, :func:`projections`,
-  :func:`relation_embedding` and :func:`w_network`; the 1x1 convolutions' weights are read
-  (stacked over agents, theta/phi/g as one GEMM).
+  n x n product and a 2n-channel conv. It runs in named steps, :func:`projections`,
+  :func:`activated_projections`, :func:`relation_embedding` and :func:`w_network`; the 1x1
+  convolutions' weights are read (stacked over agents, theta/phi/g as one GEMM).
+* ``lean=True`` (the layers' ``memory="lean"``) checkpoints everything after the projection
+  GEMM and replaces the embedding and W's first conv on it by
+  :class:`reid_attention._embedding.LeanEmbedding`, which walks the batch in chunks: no
+  (B, n/s, n) tensor is kept or ever held whole, and the recomputation reuses the first run's
+  small results instead of recomputing the embedding.
 
 On both paths every norm runs through :func:`reid_attention._norm.norm_channels` (one kernel for
 exact BatchNorms, the modules themselves otherwise) and activations other than an exact
@@ -31,7 +36,7 @@ float32 (float64 stays float64).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +44,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ._common import compute_dtype, no_autocast
-from ._norm import NormLayer, is_plain, make_norm, norm_channels, one_kernel
+from ._embedding import LeanEmbedding, factors
+from ._norm import NormLayer, affine_parameters, is_plain, make_norm, norm_channels, one_kernel
 
 
 class RelationBranch(NamedTuple):
@@ -197,47 +203,60 @@ def activated_projections(
     flat = norm_channels(proj.to(dtype).reshape(batch, groups * width, n), [p.norm for p in parts],
                          update_statistics=update_statistics)
     proj = _activate(flat, [p.act for p in parts]).view(batch, groups, 3, width // 3, n)
-    return proj[:, :, :2], proj[:, :, 2].mean(2, keepdim=True)
+    theta_phi, g = proj.split([2, 1], 2)  # split, not slices: its backward allocates one map
+    return theta_phi, g.mean(3)
 
 
-def relation_embedding(theta_phi: Tensor, branches: Sequence[RelationBranch], update_statistics: bool = True) -> Tensor:
+def relation_embedding(theta_phi: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
     """The embedded relation vectors E (B, G, n/s, n) without the n x n relation.
 
-    Embedding weight (n/s, 2n) = [Wr | Wc]: Ar^T = phi Wr^T and Ac^T = theta Wc^T, one GEMM per
-    (agent, half) with the batch folded into the rows, so the weights are never expanded over the
-    batch; the token copy this needs also swaps theta and phi to pair them. Then E_pre = Ar theta
-    + Ac phi as one batched GEMM, the norm and the activation.
+    Embedding weight (n/s, 2n) = [Wr | Wc]: the factors a = [Ar^T; Ac^T] = [phi Wr^T; theta Wc^T]
+    (:func:`reid_attention._embedding.factors`), then E_pre = a^T [theta; phi] as one batched
+    GEMM, the norm and the activation.
     """
     batch, groups, _, d_inner, n = theta_phi.shape
     gg = [CBRParts(*b.gg) for b in branches]
     w_gg = _weights([p.conv for p in gg], theta_phi.dtype)  # (G, n/s, 2n)
-    n_inner = w_gg.shape[1]
-    w_rc = w_gg.view(groups, n_inner, 2, n).permute(0, 2, 3, 1).reshape(groups * 2, n, n_inner)
-    rows = theta_phi.permute(1, 2, 0, 3, 4)[:, [1, 0]].reshape(groups * 2, batch * d_inner, n)
-    a = torch.bmm(rows, w_rc).view(groups, 2, batch, d_inner, n_inner)  # (Ar^T, Ac^T)
-    a = a.permute(2, 0, 1, 3, 4).reshape(batch, groups, 2 * d_inner, n_inner)
+    a = factors(theta_phi, w_gg)
     emb = torch.matmul(a.transpose(2, 3), theta_phi.reshape(batch, groups, 2 * d_inner, n))
-    emb = norm_channels(emb.view(batch, groups * n_inner, n), [p.norm for p in gg], update_statistics=update_statistics)
-    return _activate(emb, [p.act for p in gg]).view(batch, groups, n_inner, n)
+    emb = norm_channels(emb.view(batch, groups * w_gg.shape[1], n), [p.norm for p in gg])
+    return _activate(emb, [p.act for p in gg]).view(batch, groups, w_gg.shape[1], n)
 
 
-def w_network(emb: Tensor, g: Tensor, branches: Sequence[RelationBranch], update_statistics: bool = True) -> Tensor:
-    """W on y = [g, E] without forming the concatenation: logits (B, G, n)."""
-    batch, groups, n_inner, n = emb.shape
+def lean_embedding(theta_phi: Tensor, branches: Sequence[RelationBranch], w1e: Tensor, stash: list) -> Tensor:
+    """W1_E E (B, G, k, n), W1_E the W network's first conv on E, by
+    :class:`reid_attention._embedding.LeanEmbedding` (no E-sized tensor kept or held whole)."""
+    norms = [b.gg[1] for b in branches]
+    w_gg = _weights([b.gg[0] for b in branches], theta_phi.dtype)
+    return LeanEmbedding.apply(theta_phi, w_gg, w1e, *affine_parameters(norms, theta_phi.dtype), norms, stash)
+
+
+def w_network(hidden: Tensor, branches: Sequence[RelationBranch], update_statistics: bool = True) -> Tensor:
+    """W after its first conv: hidden (B, G, k, n), the conv's output on y = [g, E] (never
+    formed), -> logits (B, G, n)."""
+    batch, groups, k, n = hidden.shape
     w = [WParts(*b.W) for b in branches]
-    w1 = _weights([p.conv1 for p in w], emb.dtype)  # (G, k, 1 + n/s)
-    k = w1.shape[1]
-    hidden = torch.matmul(w1[:, :, 1:], emb) + w1[:, :, :1] * g
     hidden = norm_channels(hidden.view(batch, groups * k, n), [p.norm1 for p in w], update_statistics=update_statistics)
     hidden = _activate(hidden, [p.act for p in w])
-    logits = torch.matmul(_weights([p.conv2 for p in w], emb.dtype), hidden.view(batch, groups, k, n))
+    logits = torch.matmul(_weights([p.conv2 for p in w], hidden.dtype), hidden.view(batch, groups, k, n))
     return norm_channels(logits.view(batch, groups, n), [p.norm2 for p in w], update_statistics=update_statistics)
 
 
-def _after_projections(proj: Tensor, branches, dtype: torch.dtype, update_statistics: bool = True) -> Tensor:
-    """Everything after the projection GEMM: its norms, the embedding and the W network."""
-    theta_phi, g = activated_projections(proj, branches, dtype, update_statistics)
-    return w_network(relation_embedding(theta_phi, branches, update_statistics), g, branches, update_statistics)
+def _after_projections(proj: Tensor, branches, dtype: torch.dtype, stash: Optional[list] = None) -> Tensor:
+    """Everything after the projection GEMM: its norms, the embedding and the W network.
+
+    ``stash`` (a list, see :class:`reid_attention._embedding.LeanEmbedding`) takes the lean
+    embedding; once it holds the statistics this is a recomputation and no norm updates its
+    running statistics.
+    """
+    update = not stash
+    theta_phi, g = activated_projections(proj, branches, dtype, update)
+    w1 = _weights([WParts(*b.W).conv1 for b in branches], dtype)  # (G, k, 1 + n/s)
+    if stash is None:
+        hidden = torch.matmul(w1[:, :, 1:], relation_embedding(theta_phi, branches))
+    else:
+        hidden = lean_embedding(theta_phi, branches, w1[:, :, 1:], stash)
+    return w_network(hidden + w1[:, :, :1] * g, branches, update)
 
 
 def _recomputable(branches: Sequence[RelationBranch]) -> bool:
@@ -253,21 +272,17 @@ def _recomputable(branches: Sequence[RelationBranch]) -> bool:
 
 
 def _recomputed(proj: Tensor, branches: Sequence[RelationBranch], dtype: torch.dtype) -> Tensor:
-    """:func:`_after_projections` keeping only its input, the projection (B, G, 3d', n) before
-    its norms, and the logits: every other activation is recomputed in backward.
+    """:func:`_after_projections` with the lean embedding, keeping only its input, the
+    projection (B, G, 3d', n) before its norms, and the logits: every other activation is
+    recomputed in backward.
 
-    Backward runs the block again with ``update_statistics=False`` so BatchNorm statistics are
-    counted once; the recomputation normalises with the same batch statistics (the same input
-    gives the same values).
+    The recomputation reuses the embedding's statistics and updates no running statistics, so
+    BatchNorm statistics are counted once; it normalises with the same batch statistics (the
+    same input gives the same values).
     """
-    calls = []
-
-    def block(proj: Tensor) -> Tensor:
-        first = not calls
-        calls.append(True)
-        return _after_projections(proj, branches, dtype, update_statistics=first)
-
-    return checkpoint(block, proj, use_reentrant=False, preserve_rng_state=False)
+    stash: list = []
+    return checkpoint(lambda p: _after_projections(p, branches, dtype, stash), proj,
+                      use_reentrant=False, preserve_rng_state=False)
 
 
 def relation_logits_fused(tokens: Tensor, branches: Sequence[RelationBranch], *, lean: bool = False) -> Tensor:
@@ -286,7 +301,7 @@ def logits_from_projections(proj: Tensor, branches: Sequence[RelationBranch], *,
     """
     with no_autocast(proj):
         dtype = compute_dtype(proj)
-        if lean and torch.is_grad_enabled() and _recomputable(branches):
+        if lean and torch.is_grad_enabled() and proj.shape[0] > 0 and _recomputable(branches):
             return _recomputed(proj, branches, dtype)
         return _after_projections(proj, branches, dtype)
 

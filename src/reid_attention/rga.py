@@ -91,13 +91,16 @@ class _GatedChannelProjection(torch.autograd.Function):
     def forward(ctx, x: Tensor, s1: Tensor, weight: Tensor, dtype: torch.dtype):
         ctx.save_for_backward(x, s1, weight)
         ctx.dtype = dtype
+        ctx.set_materialize_grads(False)  # y1 gets no gradient: no map of zeros for it
         y1 = x * s1
         ctx.mark_non_differentiable(y1)
         proj = torch.matmul(y1.flatten(2).to(dtype), weight.to(dtype).t())
         return proj.transpose(1, 2).unsqueeze(1), y1
 
     @staticmethod
-    def backward(ctx, grad: Tensor, _):
+    def backward(ctx, grad: Optional[Tensor], _):
+        if grad is None:  # the projection is unused
+            return None, None, None, None
         x, s1, weight = ctx.saved_tensors
         grad = grad.squeeze(1).transpose(1, 2).to(ctx.dtype)  # (B, C, 3d')
         y1 = (x * s1).flatten(2).to(ctx.dtype)
@@ -151,8 +154,9 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
             ``nn.SyncBatchNorm.convert_sync_batchnorm`` and swapped norms take effect.
         impl: ``"fused"`` (default, never builds the relation matrix) or ``"reference"``
             (the official computation); settable on a built module.
-        memory: ``"default"`` or ``"lean"`` (fused path: only each axis' projection GEMM output
-            is kept for backward, the rest is recomputed there; exact BatchNorms only, see
+        memory: ``"default"`` or ``"lean"`` (fused path: of each axis only the projection GEMM
+            output and small results are kept for backward, the rest is recomputed there and
+            the relation embedding is never held whole; exact BatchNorms only, see
             :class:`reid_attention._common.MemorySwitch`); settable. In either mode the fused
             RGA-SC keeps no copy of the spatially gated map for backward (it is recomputed
             from the input and the gate).
