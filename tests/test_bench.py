@@ -96,6 +96,17 @@ def test_cli_layers_every_format(fmt, capsys, tmp_path):
         assert "step ms" in text and "rga_sc" in text and "2 x multiply-adds" in text and "SGD momentum" in text
 
 
+def test_cli_layers_memory_modes(capsys):
+    """--memory default,lean: one fused row per mode for RGA / APNet-S kinds, one row otherwise."""
+    tiny = ["--sites", "64:16x8", "--batch", "2", "--repeat", "0.01", "--quiet", "--format", "json"]
+    assert main(["layers", "--kind", "rga_s,pfsa", "--memory", "default,lean", *tiny]) == 0
+    rows = [(r["kind"], r["impl"], r.get("memory")) for r in json.loads(capsys.readouterr().out)["records"]]
+    assert rows == [("rga_s", "reference", None), ("rga_s", "fused", "default"), ("rga_s", "fused", "lean"),
+                    ("pfsa", "reference", None), ("pfsa", "fused", None)]
+    assert main(["layers", "--kind", "rga_s", *tiny]) == 0  # the default mode only: no memory field
+    assert all("memory" not in r for r in json.loads(capsys.readouterr().out)["records"])
+
+
 def test_cli_sweep_writes_plot(tmp_path, capsys):
     out = tmp_path / "sweep.json"
     argv = ["sweep", "--kind", "rga_s", "--channels", "64", "--resolutions", "64x32,96x64", "--batch", "2",
@@ -441,3 +452,21 @@ def test_gpu_check_script_is_valid_bash_and_lists_its_steps():
     assert "--compile" in done.stdout and "--device cuda" in done.stdout
     bad = subprocess.run(["bash", str(GPU_CHECK), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage:" in bad.stderr
+
+
+# --- benchmarks/network_alternating.py -----------------------------------------------------------
+
+
+def test_network_alternating_quick_run(tmp_path):
+    """The alternating network benchmark's smoke run: three models, ratios to the plain step."""
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "network_alternating.py"
+    out = tmp_path / "alt.json"
+    subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--out", str(out)],
+                   check=True, capture_output=True, text=True)
+    records = {r["model"]: r for r in json.loads(out.read_text())["records"]}
+    assert list(records) == ["resnet50", "resnet50 + rga_sc (default)", "resnet50 + rga_sc (lean)"]
+    assert records["resnet50"]["time_x"] == 1.0 and records["resnet50"]["gflops_x"] == 1.0
+    for name in list(records)[1:]:
+        assert records[name]["gflops_x"] > 1 and records[name]["step_ms"] > 0
+    bad = subprocess.run([sys.executable, str(script), "--rounds", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--rounds" in bad.stderr

@@ -21,8 +21,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 
 from .. import __version__
-from .._common import IMPLS
-from ..registry import create_attention, list_attentions
+from .._common import IMPLS, MEMORY_MODES, MemorySwitch
+from ..registry import create_attention, list_attentions, needs_feat_size
 from .measure import MALLOC_MODES, STEPS, set_malloc
 from .report import FORMATS, environment, format_flagged, row_name
 from .suites import PAPER_SITES, failed, layer_spec, measure, measure_layer, network, network_spec
@@ -49,7 +49,7 @@ A '!' marks a row whose timing is unreliable (the reasons follow the table).
 Exit status: 0, 1 if a row failed other than by running out of memory, 2 for bad arguments.
 See 'reid-attention bench COMMAND --help' for a command's options."""
 
-LAYER_COLUMNS = ["flag", "kind", "site", "impl", "batch", "fwd_ms", "step_ms", "step_iqr_ms", "samples_per_s",
+LAYER_COLUMNS = ["flag", "kind", "site", "impl", "memory", "batch", "fwd_ms", "step_ms", "step_iqr_ms", "samples_per_s",
                  "gflops", "params", "peak_mib", "error"]
 NETWORK_COLUMNS = ["flag", "model", "batch", "step_ms", "step_iqr_ms", "samples_per_s", "gflops", "params",
                    "memory_batch", "peak_mib", "time_x", "memory_x", "params_x", "gflops_x", "time_per_flop_x",
@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'paper' (every paper site), 'first' (the first), 'default' (the default run's) "
                              "or explicit sites C:HxW,... (e.g. 256:64x32)")
     layers.add_argument("--impl", type=impls, default=",".join(IMPLS), help="comma-separated impls")
+    layers.add_argument("--memory", type=_one_of(MEMORY_MODES, "memory mode", many=True), default="default",
+                        help="comma-separated memory modes of the fused RGA / APNet-S rows (default, lean); "
+                             "other rows run once")
     layers.add_argument("--compile", action="store_true", help="torch.compile the layer first")
     _add_common(layers, batch=8, memory_batch=None)
 
@@ -276,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--attention", type=_one_of(list_attentions(), "attention kind"), default="rga_sc",
                      help=f"one of {', '.join(list_attentions())}")
     net.add_argument("--impl", type=_one_of(IMPLS, "impl"), default="fused", help="the attention's impl")
-    net.add_argument("--memory", type=_one_of(("default", "lean"), "memory mode"), default="default",
+    net.add_argument("--memory", type=_one_of(MEMORY_MODES, "memory mode"), default="default",
                      help="RGA / APNet-S memory mode: 'lean' recomputes the relation embedding in backward")
     net.add_argument("--input-size", type=_size, default="256x128", help="input HxW")
     net.add_argument("--last-stride", type=int, choices=(0, 1, 2), default=1,
@@ -348,18 +351,30 @@ def _common(args: argparse.Namespace) -> Dict[str, Any]:
                 step=args.step)
 
 
-def _layer_cases(args: argparse.Namespace) -> List[Tuple[str, int, Tuple[int, int], str]]:
-    """(kind, channels, feat_size, impl) of every ``layers`` row."""
-    return [(kind, c, fs, impl) for kind in args.kind for c, fs in _sites_of(kind, args.sites)
-            for impl in args.impl]
+def _has_memory_modes(kind: str) -> bool:
+    """Whether ``kind``'s layer takes ``memory`` (a tiny instance is built to ask)."""
+    return isinstance(create_attention(kind, 8, feat_size=(4, 4) if needs_feat_size(kind) else None), MemorySwitch)
+
+
+def _layer_cases(args: argparse.Namespace) -> List[Tuple[str, int, Tuple[int, int], str, Optional[str]]]:
+    """(kind, channels, feat_size, impl, memory) of every ``layers`` row; memory is None where it
+    does not apply (other kinds, the reference impl) or only the default mode was asked for."""
+    cases = []
+    for kind in args.kind:
+        modes = args.memory if args.memory != ["default"] and _has_memory_modes(kind) else [None]
+        for c, fs in _sites_of(kind, args.sites):
+            for impl in args.impl:
+                cases += [(kind, c, fs, impl, m) for m in (modes if impl == "fused" else [None])]
+    return cases
 
 
 def _layer_jobs(args: argparse.Namespace):
     jobs = []
-    for kind, channels, feat_size, impl in _layer_cases(args):
+    for kind, channels, feat_size, impl, memory in _layer_cases(args):
+        extra = {} if memory is None else {"memory": memory}
         spec = layer_spec(kind, channels, feat_size, batch=args.batch, impl=impl, compile=args.compile,
-                          **_common(args))
-        label = f"{kind} {channels}:{feat_size[0]}x{feat_size[1]} {impl}"
+                          **extra, **_common(args))
+        label = f"{kind} {channels}:{feat_size[0]}x{feat_size[1]} {impl}" + (f" memory={memory}" if memory else "")
         jobs.append((label, lambda s=spec: measure_layer(
             s, memory_batch=args.memory_batch, forward=True, min_run_time=args.min_run_time)))
     return jobs
@@ -464,7 +479,7 @@ def check_buildable(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     try:
         with torch.device("meta"):
             if args.command == "layers":
-                for kind, channels, feat_size, impl in _layer_cases(args):
+                for kind, channels, feat_size, impl, _ in _layer_cases(args):
                     what = f"{kind} at site {channels}:{feat_size[0]}x{feat_size[1]}"
                     create_attention(kind, channels, feat_size=feat_size, impl=impl)
             elif args.command == "sweep":

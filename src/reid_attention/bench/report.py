@@ -94,10 +94,10 @@ def format_records(
 
 
 def row_name(record: Dict[str, Any]) -> str:
-    """A row's label in messages: the model, or its kind, level, input, site and impl."""
+    """A row's label in messages: the model, or its kind, level, input, site, impl and memory mode."""
     if "model" in record:
         return str(record["model"])
-    keys = ("kind", "level", "input", "site", "impl")
+    keys = ("kind", "level", "input", "site", "impl", "memory")
     return " ".join(str(record[k]) for k in keys if record.get(k) is not None)
 
 

@@ -106,13 +106,15 @@ def network_spec(backbone: str, attention: Optional[str], input_size: Sequence[i
 
 
 def measure_layer(spec: Dict[str, Any], **options: Any) -> Dict[str, Any]:
-    """:func:`measure` labelled with the layer's kind, impl and site."""
+    """:func:`measure` labelled with the layer's kind, impl, site (and memory mode, if set)."""
     kw = spec["kwargs"]
     label = {
         "kind": kw.get("name", spec["factory"].rsplit(":", 1)[-1]),
         "impl": kw.get("impl"),
         "site": f"{kw['channels']}:{spec['input'][2]}x{spec['input'][3]}",
     }
+    if "memory" in kw:
+        label["memory"] = kw["memory"]
     return measure(spec, label, **options)
 
 
