@@ -10,10 +10,11 @@
 #   layers_float32         bench layers, every kind at its papers' sites, batch 64, float32
 #   layers_bfloat16        the same under bfloat16 autocast
 #   network                bench network, ResNet-50 + RGA-SC at layer1..4 vs plain, batch 64
+#   network_lean           the same with memory="lean"
 #   pyramid_eager          benchmarks/pyramid_sites.py: the PFSA and APNet-S comparisons
 #   pfsa_compiled          PFSA fused vs the per-sample loop, under torch.compile
 #   apnet_s_compiled       APNet-S fused vs the per-stripe loop, level 2, under torch.compile
-# Results: benchmarks/results/{layers_cuda,layers_cuda_bfloat16,network_resnet50_rga_sc_cuda,
+# Results: benchmarks/results/{layers_cuda,layers_cuda_bfloat16,network_resnet50_rga_sc_cuda[_lean],
 # pyramid_sites_cuda,pyramid_sites_cuda_compiled}.json, and benchmarks/results/gpu_check_cuda.txt
 # (the GPU as nvidia-smi and torch.cuda.get_device_name name it, versions, each step's status).
 #
@@ -41,6 +42,7 @@ STEPS=(
     "layers_float32|80|\$PY -m reid_attention bench layers --device cuda --batch 64 --repeat 0.2 --quiet --format json --out \$R/layers_cuda.json"
     "layers_bfloat16|80|\$PY -m reid_attention bench layers --device cuda --batch 64 --dtype bfloat16 --repeat 0.2 --quiet --format json --out \$R/layers_cuda_bfloat16.json"
     "network|45|\$PY -m reid_attention bench network --device cuda --batch 64 --memory-batch 64 --sites $SITES --repeat 1 --quiet --format json --out \$R/network_resnet50_rga_sc_cuda.json"
+    "network_lean|45|\$PY -m reid_attention bench network --device cuda --batch 64 --memory-batch 64 --sites $SITES --repeat 1 --memory lean --quiet --format json --out \$R/network_resnet50_rga_sc_cuda_lean.json"
     "pyramid_eager|60|\$PY benchmarks/pyramid_sites.py --device cuda --only pfsa apnet_s --min-run-time 0.2"
     "pfsa_compiled|75|\$PY benchmarks/pyramid_sites.py --device cuda --only pfsa --impl loop fused --compile --memory-batch 0 --min-run-time 0.2"
     "apnet_s_compiled|100|\$PY benchmarks/pyramid_sites.py --device cuda --only apnet_s --impl loop fused --levels 2 --compile --memory-batch 0 --min-run-time 0.2 --merge"

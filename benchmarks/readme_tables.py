@@ -14,7 +14,8 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 HEADERS = {"step_ms": "step ms", "gflops": "GFLOP fwd", "peak_mib": "peak MiB", "fwd_ms": "fwd ms",
            "samples_per_s": "samples/s", "memory_batch": "mem batch", "time_x": "time x", "memory_x": "memory x",
            "params_x": "params x", "gflops_x": "FLOP x", "time_per_flop_x": "time/FLOP x",
-           "eval_ms": "eval fwd ms"}
+           "eval_ms": "eval fwd ms", "step_iqr_ms": "IQR ms", "time_x_iqr": "IQR of time x",
+           "time_x_over_floor": "time x / FLOP x"}
 STEPS = {"optimizer": "training step = forward, loss, backward, SGD momentum step, zero_grad(set_to_none=True)",
          "accumulate": "step = forward().backward(grad), gradients accumulating"}
 
@@ -56,6 +57,9 @@ def cuda_sections():
         section("CUDA: ResNet-50 + RGA-SC (fused) vs plain ResNet-50", load("network_resnet50_rga_sc_cuda.json"),
                 ["model", "batch", "step_ms", "samples_per_s", "gflops", "memory_batch", "peak_mib", "time_x",
                  "memory_x", "gflops_x", "time_per_flop_x"], "Last stride 1, 256x128."),
+        section("CUDA: the same with `memory=\"lean\"`", load("network_resnet50_rga_sc_cuda_lean.json"),
+                ["model", "batch", "step_ms", "memory_batch", "peak_mib", "time_x", "memory_x", "gflops_x",
+                 "time_per_flop_x"], "Last stride 1, 256x128."),
         section("CUDA: PFSA and APNet-S comparisons", load("pyramid_sites_cuda.json"), pyramid_columns, ""),
         section("CUDA: the same under torch.compile", load("pyramid_sites_cuda_compiled.json"), pyramid_columns,
                 "Level 2; no memory probe."),
@@ -81,6 +85,15 @@ def main() -> None:
              "time_x", "memory_x", "params_x", "gflops_x", "time_per_flop_x"],
             "Training step at batch 8; memory of the same step at batch 32. time/FLOP x = time x / FLOP x: "
             "1.0 would mean the extra time is exactly the extra forward FLOPs (the floor of the exact maths)."),
+        section("The same with `memory=\"lean\"`", load("network_resnet50_rga_sc_cpu_lean.json"),
+                ["model", "batch", "step_ms", "memory_batch", "peak_mib", "time_x", "memory_x", "gflops_x",
+                 "time_per_flop_x"], "`bench network --memory lean`."),
+        section("The three networks alternated every round", load("network_alternating_cpu.json"),
+                ["model", "step_ms", "step_iqr_ms", "time_x", "time_x_iqr", "gflops_x", "time_x_over_floor"],
+                "`benchmarks/network_alternating.py`: time x is the median of the per-round ratios."),
+        section("Layer-1 RGA-SC vs the official computation", load("layer1_rga_sc_vs_official_cpu.json"),
+                ["kind", "site", "impl", "memory", "batch", "step_ms", "peak_mib"],
+                "Training step at batch 8; peak memory of the same step at batch 32."),
         section("The same networks timed with the accumulate-only step (`--step accumulate`)",
                 load("network_resnet50_rga_sc_cpu_accumulate.json"),
                 ["model", "batch", "step_ms", "gflops", "time_x", "gflops_x", "time_per_flop_x"],

@@ -107,6 +107,26 @@ def test_cli_layers_memory_modes(capsys):
     assert all("memory" not in r for r in json.loads(capsys.readouterr().out)["records"])
 
 
+def test_default_run_builds_its_rows(monkeypatch, capsys):
+    """The default run (``make bench``) assembles every row: every kind at its default site in
+    both impls, then plain and wrapped ResNet-50 (measurement stubbed: only the specs are seen)."""
+    specs = []
+
+    def fake(spec, label=None, **_):
+        specs.append(spec)
+        return dict(label or {}, **{k: v for k, v in spec["kwargs"].items() if k in ("name", "impl")},
+                    step_ms=1.0, peak_mib=1.0, params=1, gflops=1.0, unreliable=[])
+
+    monkeypatch.setattr(cli, "measure_layer", lambda spec, **kw: fake(spec, **kw))
+    monkeypatch.setattr(cli, "measure", fake)
+    assert main(["--quiet", "--format", "json"]) == 0
+    layers = [s for s in specs if s["factory"].endswith("create_attention")]
+    assert len(layers) == 2 * len(ra.list_attentions())
+    assert all("memory" not in s["kwargs"] for s in specs)
+    assert [s["kwargs"]["attention"] for s in specs[len(layers):]] == [None, "rga_sc"]
+    capsys.readouterr()
+
+
 def test_cli_sweep_writes_plot(tmp_path, capsys):
     out = tmp_path / "sweep.json"
     argv = ["sweep", "--kind", "rga_s", "--channels", "64", "--resolutions", "64x32,96x64", "--batch", "2",
@@ -444,8 +464,8 @@ GPU_CHECK = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "gpu
 def test_gpu_check_script_is_valid_bash_and_lists_its_steps():
     subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
     done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], capture_output=True, text=True, check=True)
-    steps = ["cuda_tests", "layers_float32", "layers_bfloat16", "network", "pyramid_eager", "pfsa_compiled",
-             "apnet_s_compiled"]
+    steps = ["cuda_tests", "layers_float32", "layers_bfloat16", "network", "network_lean", "pyramid_eager",
+             "pfsa_compiled", "apnet_s_compiled"]
     listed = [line.split()[0] for line in done.stdout.splitlines()[1:]]
     assert listed == steps, done.stdout
     assert "pytest tests -q -k cuda" in done.stdout and "--dtype bfloat16" in done.stdout

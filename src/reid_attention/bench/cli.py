@@ -514,10 +514,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         records = _run_jobs(_sweep_jobs(args), args.quiet)
         return {"environment": env, "records": records, "tables": [(records, SWEEP_COLUMNS)]}
     # default: every kind at one paper site (DEFAULT_SITES), then the ResNet-50 + RGA-SC overhead
-    ns = dict(vars(args), kind=list_attentions(), sites="default", impl=list(IMPLS), compile=False)
+    ns = dict(vars(args), kind=list_attentions(), sites="default", impl=list(IMPLS), memory=["default"],
+              compile=False)
     layer_records = _run_jobs(_layer_jobs(argparse.Namespace(**ns)), args.quiet)
     ns.update(backbone="resnet50", attention="rga_sc", impl="fused", input_size=(256, 128), last_stride=1,
-              memory_batch=0, sites=["layer1", "layer2", "layer3", "layer4"])
+              memory="default", memory_batch=0, sites=["layer1", "layer2", "layer3", "layer4"])
     net_records = with_overhead(_run_jobs(_network_jobs(argparse.Namespace(**ns)), args.quiet))
     return {"environment": env, "records": layer_records + net_records,
             "tables": [(layer_records, LAYER_COLUMNS), (net_records, NETWORK_COLUMNS)]}
