@@ -105,11 +105,12 @@ def _first_run(theta_phi: Tensor, w_gg: Tensor, w1e: Tensor, weight, bias, norms
 
 
 def _affine(mu: Tensor, sigma2: Tensor, weight, bias, eps: float, shape) -> Tuple[Tensor, Tensor, Tensor]:
-    """1 / sigma, and BN(y) = y * scale + shift, each viewed as ``shape``."""
+    """1 / sigma, and BN(y) = y * scale + shift, each as ``shape`` (copies, not views: they are
+    saved for backward, where torch.compile refuses views)."""
     invstd = torch.rsqrt(sigma2 + eps)
     scale = invstd if weight is None else weight * invstd
     shift = -mu * scale if bias is None else bias - mu * scale
-    return tuple(t.reshape(shape).clone() for t in (invstd, scale, shift))  # not views: torch.compile refuses saved views here
+    return tuple(t.reshape(shape).clone() for t in (invstd, scale, shift))
 
 
 class LeanEmbedding(torch.autograd.Function):
@@ -128,13 +129,17 @@ class LeanEmbedding(torch.autograd.Function):
         first = norms[0]
         ctx.batch_statistics = first.training or first.running_mean is None
         ctx.affine = (weight is not None, bias is not None)
-        if not stash:
-            # copies: the stash outlives this call (and torch.compile refuses aliases of it)
-            stash.extend(t.clone() for t in _first_run(theta_phi, w_gg, w1e, weight, bias, norms, ctx.batch_statistics))
-        a, mu, sigma2, out = stash
-        invstd, scale, shift = _affine(mu, sigma2, weight, bias, first.eps, (w_gg.shape[0], w_gg.shape[1], 1))
-        ctx.save_for_backward(theta_phi, a, w_gg, w1e, mu.reshape(invstd.shape).clone(), invstd, scale, shift)
-        return out.clone()
+        if stash:  # a recomputation: the first run's results (a copy of H, which becomes an output)
+            a, mu, sigma2, out = stash
+            out = out.clone()
+        else:
+            a, mu, sigma2, out = _first_run(theta_phi, w_gg, w1e, weight, bias, norms, ctx.batch_statistics)
+            # copies: the stash outlives this call, and torch.compile refuses aliases of it
+            stash.extend(t.clone() for t in (a, mu, sigma2, out))
+        shape = (w_gg.shape[0], w_gg.shape[1], 1)
+        invstd, scale, shift = _affine(mu, sigma2, weight, bias, first.eps, shape)
+        ctx.save_for_backward(theta_phi, a, w_gg, w1e, mu.reshape(shape).clone(), invstd, scale, shift)
+        return out
 
     @staticmethod
     def backward(ctx, grad_h: Tensor):
@@ -155,7 +160,8 @@ class LeanEmbedding(torch.autograd.Function):
             if accumulate:
                 grad_w1e.add_(torch.matmul(grad_h[rows], z.transpose(2, 3)).sum(0))
             # ReLU's own backward kernel (g where z > 0, else 0), written over z
-            g = torch.ops.aten.threshold_backward.grad_input(torch.matmul(w1e_t, grad_h[rows]), z, 0, grad_input=z)
+            g = torch.ops.aten.threshold_backward.grad_input(
+                torch.matmul(w1e_t, grad_h[rows]), z, 0, grad_input=z)
             del z
             e.sub_(mu)
             if accumulate:
