@@ -11,21 +11,26 @@ relation activations of a training step (n/s x n per sample: the size of the fea
 spatial axis after ResNet's layer1, twice it at the channel axis after layer4); autograd keeps
 both, and their backward allocates two more of that size.
 
-:class:`LeanEmbedding` computes H keeping theta_phi, the small a and the norm's statistics
-only, and walks the batch in chunks of about :data:`CHUNK_ELEMENTS` values of E, so no E-sized
-tensor exists beyond one chunk:
+:class:`LeanEmbedding` computes H keeping theta_phi, the small a and a few statistics only, and
+walks the batch in chunks of about :data:`CHUNK_ELEMENTS` values of E, so no E-sized tensor
+exists beyond one chunk. E is low-rank (rank <= 2d'), which makes everything the norm needs a
+product of small matrices. Per sample, with tc = theta_phi - its mean t over the n positions
+and the covariance S = tc tc^T / n (2d' x 2d'):
 
-* forward, pass 1 (batch statistics only): each sample's per-channel mean and variance of E,
-  from which :func:`reid_attention._norm.batch_statistics` gives the norm's statistics (and
-  updates its running statistics once, as the module would); pass 2: H.
-* backward: with g = ReLU'(Z) * (W1_E^T dH) and xhat = (E - mu) / sigma, BatchNorm's backward is
-  dE = gamma / sigma * (g - mean(g) - xhat * mean(g * xhat)) under batch statistics, and
-  gamma / sigma * g under running statistics. Pass A accumulates the means, dW1_E, dgamma and
-  dbeta; pass B recomputes g and gives da = theta_phi dE^T and d theta_phi = a dE, plus the
-  path through a.
+* forward: E's per-channel mean a^T t and variance diag(a^T S a), so
+  :func:`reid_attention._norm.batch_statistics` gives the norm's statistics (and updates its
+  running statistics once, as the module would) before any E exists; then one pass over the
+  chunks gives Z = ReLU((a D)^T tc + shift), D the norm's scale, and H.
+* backward: one pass recomputes Z and gives g = ReLU'(Z) * (W1_E^T dH), dW1_E, the sums of g
+  and P = tc g^T. BatchNorm's backward under batch statistics,
+  dE = D (g - mean(g) - xhat mean(g xhat)), is g's own term plus a correction that is linear in
+  E - mu = a^T tc + (a^T t - mu), so the corrections to d theta_phi = a dE and da = theta_phi dE^T
+  are small GEMMs with S, a and tc, applied after the pass. Under running statistics
+  dE = D g.
 
-A batch that fits in one chunk computes E once each way. The same function and gradients as the
-autograd form up to rounding order, for exact BatchNorms (``one_kernel``) and a plain ReLU.
+Each E chunk is computed twice (once each way), as autograd computes it once and keeps it. The
+same function and gradients as the autograd form up to rounding order, for exact BatchNorms
+(``one_kernel``) and a plain ReLU.
 """
 
 from __future__ import annotations
@@ -65,43 +70,61 @@ def _chunks(batch: int, per_sample: int) -> List[slice]:
     return [slice(i, i + step) for i in range(0, batch, step)]
 
 
-def _embedded(a: Tensor, tp: Tensor, rows: slice) -> Tensor:
-    """E = a^T theta_phi (b, G, n/s, n) of the samples ``rows``."""
-    return torch.matmul(a[rows].transpose(2, 3), tp[rows])
+def _centred(tp: Tensor, mean: Tensor, rows: slice) -> Tensor:
+    """tc = theta_phi - its mean over the positions, for the samples ``rows``."""
+    return tp[rows] - mean[rows]
 
 
-def _mean_var(e: Tensor) -> Tuple[Tensor, Tensor]:
-    """Mean and biased variance over the last axis, two-pass (as stable as Welford's update;
-    several times faster than ``torch.var_mean`` on the CPU)."""
-    mean = e.mean(-1, keepdim=True)
-    centred = e - mean
-    return mean.squeeze(-1), centred.mul_(centred).mean(-1)
+def _activated(a_scaled: Tensor, shift: Tensor, tc: Tensor) -> Tensor:
+    """Z = ReLU((a D)^T tc + shift) (b, G, n/s, n): the GEMM adds the per-sample shift."""
+    b, groups, _, n_inner = a_scaled.shape
+    z = torch.baddbmm(shift.flatten(0, 1), a_scaled.transpose(2, 3).flatten(0, 1), tc.flatten(0, 1))
+    return z.view(b, groups, n_inner, -1).relu_()
+
+
+def _means(a: Tensor, tp_mean: Tensor) -> Tensor:
+    """E's per-sample channel means a^T t (B, G, n/s)."""
+    return torch.matmul(tp_mean.transpose(2, 3), a).squeeze(2)
+
+
+def _scaled(a: Tensor, means: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor]:
+    """a D and the per-sample shift (B, G, n/s, 1) of BN(E) = (a D)^T tc + shift."""
+    return a * scale.transpose(1, 2), shift + scale * means.unsqueeze(-1)
+
+
+def _product(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
+    """x y z (batched), associated the cheaper way: E is low-rank, so an E-sized intermediate
+    (n/s x n) or a 2d' x 2d' one, whichever is smaller."""
+    rows, inner, mid, cols = x.shape[-2], x.shape[-1], y.shape[-1], z.shape[-1]
+    if inner * cols * (rows + mid) <= rows * mid * (inner + cols):
+        return torch.matmul(x, torch.matmul(y, z))
+    return torch.matmul(torch.matmul(x, y), z)
 
 
 def _first_run(theta_phi: Tensor, w_gg: Tensor, w1e: Tensor, weight, bias, norms, batch_stats: bool):
-    """The factors a, the norm's statistics (running statistics updated) and H, in chunks."""
+    """a, theta_phi's mean t, S a (under batch statistics), the norm's statistics (running
+    statistics updated) and H, the last in chunks."""
     batch, groups, _, d_inner, n = theta_phi.shape
     n_inner = w_gg.shape[1]
     a = factors(theta_phi, w_gg)
     tp = theta_phi.reshape(batch, groups, 2 * d_inner, n)
+    tp_mean = tp.mean(-1, keepdim=True)
     chunks = _chunks(batch, groups * n_inner * n)
-    e = None
+    means = _means(a, tp_mean)
+    cov_a = None
     if batch_stats:
-        stats = []
-        for rows in chunks:  # pass 1
-            e = _embedded(a, tp, rows)
-            stats.append(_mean_var(e))
-        mean, var = (torch.cat(s).flatten(1) for s in zip(*stats))
-        mu, sigma2 = batch_statistics(norms, mean, var, n)
+        cov_a = torch.cat([_product(tc, tc.transpose(2, 3), a[rows]) for rows, tc in
+                           ((r, _centred(tp, tp_mean, r)) for r in chunks)]) / n
+        var = (a * cov_a).sum(2).clamp_min_(0)
+        mu, sigma2 = batch_statistics(norms, means.flatten(1), var.flatten(1), n)
     else:
         mu, sigma2 = (s.to(tp.dtype) for s in batch_statistics(norms, None, None, n))
     _, scale, shift = _affine(mu, sigma2, weight, bias, norms[0].eps, (groups, n_inner, 1))
-    reuse = e if len(chunks) == 1 else None  # pass 1's E of a single chunk
-    out = []
-    for rows in chunks:  # pass 2
-        e = reuse if reuse is not None else _embedded(a, tp, rows)
-        out.append(torch.matmul(w1e, e.mul_(scale).add_(shift).relu_()))
-    return a, mu, sigma2, torch.cat(out)
+    a_scaled, sample_shift = _scaled(a, means, scale, shift)
+    out = tp.new_empty(batch, groups, w1e.shape[1], n)
+    for rows in chunks:
+        out[rows] = torch.matmul(w1e, _activated(a_scaled[rows], sample_shift[rows], _centred(tp, tp_mean, rows)))
+    return a, tp_mean, cov_a, mu, sigma2, out
 
 
 def _affine(mu: Tensor, sigma2: Tensor, weight, bias, eps: float, shape) -> Tuple[Tensor, Tensor, Tensor]:
@@ -118,10 +141,11 @@ class LeanEmbedding(torch.autograd.Function):
 
     Inputs: theta_phi (B, G, 2, d', n), w_gg (G, n/s, 2n), w1e (G, k, n/s), the norms'
     concatenated weight and bias (G*n/s,) or None, the norm modules (one per agent), and
-    ``stash``, a list. Empty, the first run fills it with a, the statistics (the running
-    statistics are updated) and H; holding them, the call is a recomputation for backward
-    (``torch.utils.checkpoint``) and returns them, recomputing nothing E-sized and updating no
-    statistics. They are small: 2d' x n/s and k x n per sample. Output H (B, G, k, n).
+    ``stash``, a list. Empty, the first run fills it with a, theta_phi's per-sample mean and
+    covariance, the norm's statistics (the running statistics are updated) and H; holding them,
+    the call is a recomputation for backward (``torch.utils.checkpoint``) and returns them,
+    recomputing nothing E-sized and updating no statistics. They are small: 2d' x (n/s + 2d')
+    and k x n per sample. Output H (B, G, k, n).
     """
 
     @staticmethod
@@ -130,63 +154,59 @@ class LeanEmbedding(torch.autograd.Function):
         ctx.batch_statistics = first.training or first.running_mean is None
         ctx.affine = (weight is not None, bias is not None)
         if stash:  # a recomputation: the first run's results (a copy of H, which becomes an output)
-            a, mu, sigma2, out = stash
+            a, tp_mean, cov_a, mu, sigma2, out = stash
             out = out.clone()
         else:
-            a, mu, sigma2, out = _first_run(theta_phi, w_gg, w1e, weight, bias, norms, ctx.batch_statistics)
+            a, tp_mean, cov_a, mu, sigma2, out = _first_run(
+                theta_phi, w_gg, w1e, weight, bias, norms, ctx.batch_statistics)
             # copies: the stash outlives this call, and torch.compile refuses aliases of it
-            stash.extend(t.clone() for t in (a, mu, sigma2, out))
+            stash.extend(None if t is None else t.clone() for t in (a, tp_mean, cov_a, mu, sigma2, out))
         shape = (w_gg.shape[0], w_gg.shape[1], 1)
         invstd, scale, shift = _affine(mu, sigma2, weight, bias, first.eps, shape)
-        ctx.save_for_backward(theta_phi, a, w_gg, w1e, mu.reshape(shape).clone(), invstd, scale, shift)
+        ctx.save_for_backward(theta_phi, a, tp_mean, cov_a, w_gg, w1e, mu.reshape(shape).clone(), invstd, scale, shift)
         return out
 
     @staticmethod
     def backward(ctx, grad_h: Tensor):
-        theta_phi, a, w_gg, w1e, mu, invstd, scale, shift = ctx.saved_tensors
+        theta_phi, a, tp_mean, cov_a, w_gg, w1e, mu, invstd, scale, shift = ctx.saved_tensors
         batch, groups, _, d_inner, n = theta_phi.shape
         n_inner = w_gg.shape[1]
         tp = theta_phi.reshape(batch, groups, 2 * d_inner, n)
+        means = _means(a, tp_mean)
+        a_scaled, sample_shift = _scaled(a, means, scale, shift)
         w1e_t = w1e.transpose(1, 2)
         chunks = _chunks(batch, groups * n_inner * n)
         grad_w1e = torch.zeros_like(w1e)
-        sum_g = tp.new_zeros(1, groups, n_inner, 1)
-        sum_gx = tp.new_zeros(1, groups, n_inner, 1)  # sum of g * (E - mu)
-
-        def values(rows: slice, accumulate: bool):
-            """E - mu and g for the samples ``rows`` (pass A also adds to the sums and dW1_E)."""
-            e = _embedded(a, tp, rows)
-            z = torch.addcmul(shift, e, scale).relu_()
-            if accumulate:
-                grad_w1e.add_(torch.matmul(grad_h[rows], z.transpose(2, 3)).sum(0))
+        sum_g = means.new_empty(means.shape)  # per sample
+        grad_tp, proj = torch.empty_like(tp), torch.empty_like(a)  # proj: P = tc g^T
+        for rows in chunks:
+            tc = _centred(tp, tp_mean, rows)
+            z = _activated(a_scaled[rows], sample_shift[rows], tc)
+            grad_w1e.add_(torch.matmul(grad_h[rows], z.transpose(2, 3)).sum(0))
             # ReLU's own backward kernel (g where z > 0, else 0), written over z
             g = torch.ops.aten.threshold_backward.grad_input(
                 torch.matmul(w1e_t, grad_h[rows]), z, 0, grad_input=z)
             del z
-            e.sub_(mu)
-            if accumulate:
-                sum_g.add_(g.sum((0, 3), keepdim=True))
-                sum_gx.add_((g * e).sum((0, 3), keepdim=True))
-            return e, g
-
-        kept = None
-        for rows in chunks:  # pass A
-            e, g = values(rows, True)
-            kept = (e, g) if len(chunks) == 1 else None
-            del e, g  # one chunk's tensors alive at a time
-        count = batch * n
-        mean_g, coefficient = sum_g / count, invstd * invstd * sum_gx / count
-        grad_tp, grad_a = torch.empty_like(tp), torch.empty_like(a)
-        for rows in chunks:  # pass B
-            e, g = kept if kept is not None else values(rows, False)
-            kept = None
-            if ctx.batch_statistics:
-                g.sub_(mean_g).sub_(e.mul_(coefficient))
-            del e
-            grad_e = g.mul_(scale)
-            grad_tp[rows] = torch.matmul(a[rows], grad_e)
-            grad_a[rows] = torch.matmul(tp[rows], grad_e.transpose(2, 3))
-            del g, grad_e
+            sum_g[rows] = g.sum(-1)
+            grad_tp[rows] = torch.matmul(a_scaled[rows], g)
+            proj[rows] = torch.matmul(tc, g.transpose(2, 3))
+            del g, tc  # one chunk's tensors alive at a time
+        offset = means - mu.view(groups, n_inner)  # E - mu = a^T tc + offset
+        sum_gx = ((a * proj).sum(2) + offset * sum_g).sum(0)  # sum of g * (E - mu), (G, n/s)
+        total_g = sum_g.sum(0)
+        scale_row = scale.view(groups, 1, n_inner)
+        grad_a = proj.add_(tp_mean * sum_g.unsqueeze(2)).mul_(scale_row)  # theta_phi g^T D
+        if ctx.batch_statistics:
+            count = batch * n
+            coefficient = scale_row * invstd.view(groups, 1, n_inner) ** 2 * sum_gx.unsqueeze(1) / count
+            rank_one = scale_row * total_g.unsqueeze(1) / count + coefficient * offset.unsqueeze(2)
+            a_c = a * coefficient
+            # dE - D g = -(rank_one 1^T + coefficient * (a^T tc)), per sample and channel
+            grad_a.sub_(cov_a.mul(coefficient).add_(tp_mean * rank_one).mul_(n))  # S (a C) = (S a) C
+            bias_tp = torch.matmul(a, rank_one.transpose(2, 3))
+            for rows in chunks:
+                tc = _centred(tp, tp_mean, rows)
+                grad_tp[rows] -= _product(a_c[rows], a[rows].transpose(2, 3), tc).add_(bias_tp[rows])
         # the path through a = factors(theta_phi, w_gg)
         grad_a = grad_a.view(batch, groups, 2, d_inner, n_inner).permute(1, 2, 0, 3, 4)
         grad_a = grad_a.reshape(groups * 2, batch * d_inner, n_inner)
@@ -198,6 +218,6 @@ class LeanEmbedding(torch.autograd.Function):
         grad_w_gg = torch.bmm(_rows(theta_phi).transpose(1, 2), grad_a)
         grad_w_gg = grad_w_gg.view(groups, 2, n, n_inner).permute(0, 3, 1, 2).reshape_as(w_gg)
         has_weight, has_bias = ctx.affine
-        grad_weight = (invstd * sum_gx).flatten() if has_weight else None
-        grad_bias = sum_g.flatten() if has_bias else None
+        grad_weight = (invstd.view(groups, n_inner) * sum_gx).flatten() if has_weight else None
+        grad_bias = total_g.flatten() if has_bias else None
         return grad_theta_phi, grad_w_gg, grad_w1e, grad_weight, grad_bias, None, None
