@@ -155,10 +155,11 @@ def test_rga_sc_gated_functions_gradcheck(channels_last):
     torch.testing.assert_close(proj, expected, rtol=0, atol=1e-12)
 
 
-def _embedding_inputs(affine: bool, train: bool):
-    """theta_phi, w_gg, w1e (float64, two agents) and the agents' BatchNorms."""
+def _embedding_inputs(affine: bool, train: bool, n_inner: int = 3):
+    """theta_phi, w_gg, w1e (float64, two agents) and the agents' BatchNorms. ``n_inner`` 3:
+    E's products associate through E-sized intermediates (2d' > n/s); 6: through 2d' x 2d' ones."""
     g = torch.Generator().manual_seed(0)
-    batch, groups, d_inner, n, n_inner, k = 3, 2, 2, 5, 3, 2
+    batch, groups, d_inner, n, k = 3, 2, 2, 5, 2
     theta_phi = torch.rand(batch, groups, 2, d_inner, n, generator=g, dtype=torch.float64)
     w_gg = torch.randn(groups, n_inner, 2 * n, generator=g, dtype=torch.float64)
     w1e = torch.randn(groups, k, n_inner, generator=g, dtype=torch.float64)
@@ -183,11 +184,12 @@ def _autograd_form(theta_phi, w_gg, w1e, weight, bias, norms):
     return torch.matmul(w1e, z.relu())
 
 
+@pytest.mark.parametrize("n_inner", [3, 6])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("train", [True, False])
-def test_lean_embedding_equals_autograd_form(affine, train, chunks):
+def test_lean_embedding_equals_autograd_form(affine, train, n_inner, chunks):
     """Output, every gradient (gradcheck too) and the running statistics, against autograd."""
-    theta_phi, w_gg, w1e, norms = _embedding_inputs(affine, train)
+    theta_phi, w_gg, w1e, norms = _embedding_inputs(affine, train, n_inner)
     twins = copy.deepcopy(norms)
     weight = torch.cat([bn.weight for bn in norms]).detach() if affine else None
     bias = torch.cat([bn.bias for bn in norms]).detach() if affine else None
