@@ -113,8 +113,11 @@ def _first_run(theta_phi: Tensor, w_gg: Tensor, w1e: Tensor, weight, bias, norms
     means = _means(a, tp_mean)
     cov_a = None
     if batch_stats:
-        cov_a = torch.cat([_product(tc, tc.transpose(2, 3), a[rows]) for rows, tc in
-                           ((r, _centred(tp, tp_mean, r)) for r in chunks)]) / n
+        parts = []
+        for rows in chunks:
+            tc = _centred(tp, tp_mean, rows)
+            parts.append(_product(tc, tc.transpose(2, 3), a[rows]))
+        cov_a = torch.cat(parts) / n
         var = (a * cov_a).sum(2).clamp_min_(0)
         mu, sigma2 = batch_statistics(norms, means.flatten(1), var.flatten(1), n)
     else:
@@ -141,11 +144,11 @@ class LeanEmbedding(torch.autograd.Function):
 
     Inputs: theta_phi (B, G, 2, d', n), w_gg (G, n/s, 2n), w1e (G, k, n/s), the norms'
     concatenated weight and bias (G*n/s,) or None, the norm modules (one per agent), and
-    ``stash``, a list. Empty, the first run fills it with a, theta_phi's per-sample mean and
-    covariance, the norm's statistics (the running statistics are updated) and H; holding them,
-    the call is a recomputation for backward (``torch.utils.checkpoint``) and returns them,
-    recomputing nothing E-sized and updating no statistics. They are small: 2d' x (n/s + 2d')
-    and k x n per sample. Output H (B, G, k, n).
+    ``stash``, a list. Empty, the first run fills it with a, theta_phi's per-sample mean t, S a
+    (None under running statistics), the norm's statistics (the running statistics are updated)
+    and H; holding them, the call is a recomputation for backward (``torch.utils.checkpoint``)
+    and returns them, recomputing nothing E-sized and updating no statistics. They are small:
+    2d' x (2 n/s + 1) and k x n per sample. Output H (B, G, k, n).
     """
 
     @staticmethod
