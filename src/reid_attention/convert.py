@@ -24,7 +24,8 @@
 
 Both accept a bare state_dict or a checkpoint dict holding it under ``"state_dict"``, with or
 without the ``module.`` prefix of nn.DataParallel, and raise ValueError naming unexpected and
-missing keys. The backbone key list is torchvision's ResNet-50 (imported when converting).
+missing keys. The backbone key list is torchvision's ResNet-50 (torchvision, the ``vision``
+extra, is imported when converting).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 from torch import Tensor
+
+from ._extras import require
 
 __all__ = ["from_official_apnet", "from_official_rga"]
 
@@ -112,6 +115,7 @@ def from_official_rga(state_dict: Mapping) -> Dict[str, Tensor]:
     Build the preset with the checkpoint's settings (input size, ``spatial``/``channel`` as the
     checkpoint has them, ratios) and load the result with ``strict=True``.
     """
+    require("torchvision", feature="ra.convert.from_official_rga", extra="vision")
     out: Dict[str, Tensor] = {}
     unexpected = []
     for key, value in _unwrap(state_dict).items():
@@ -159,6 +163,7 @@ def from_official_apnet(state_dict: Mapping) -> Dict[str, Tensor]:
     Load the result with ``strict=True``. The level is that of the checkpoint: 2 when it has
     ``att_s*`` keys, else 1.
     """
+    require("torchvision", feature="ra.convert.from_official_apnet", extra="vision")
     out: Dict[str, Tensor] = {}
     unexpected = []
     for key, value in _unwrap(state_dict).items():

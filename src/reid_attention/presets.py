@@ -1,4 +1,5 @@
-"""The papers' networks on a torchvision ResNet-50 (torchvision is imported when one is built).
+"""The papers' networks on a torchvision ResNet-50 (torchvision, the ``vision`` extra, is
+imported when one is built).
 
 * :func:`rga_resnet50`: RGA (Zhang et al., CVPR 2020, arXiv:1904.02998) after layer1 .. layer4,
   last stride 1, input 256x128, as in the paper and the official RGA_Branch.
@@ -27,6 +28,7 @@ from typing import Callable, Mapping, Optional
 from torch import Tensor, nn
 
 from ._common import SizeLike
+from ._extras import require
 from .convert import describe_keys
 from .insert import _Caller, _insert, _inserted_names, set_last_stride
 
@@ -124,6 +126,7 @@ def rga_resnet50(
         **rga_kwargs: channel_ratio, spatial_ratio, down_ratio, impl, memory (see
             :class:`~reid_attention.RGA`); ``norm_layer`` is used by the ResNet-50 too.
     """
+    require("torchvision", feature="ra.presets.rga_resnet50", extra="vision")
     kind = {(True, True): "rga_sc", (True, False): "rga_s", (False, True): "rga_c"}.get(
         (bool(spatial), bool(channel))
     )
@@ -157,6 +160,7 @@ def apnet_resnet50(
         **attention_kwargs: passed to every APNetC / APNetS (e.g. ``impl``, ``se_hidden``);
             ``norm_layer`` is used by the ResNet-50 too.
     """
+    require("torchvision", feature="ra.presets.apnet_resnet50", extra="vision")
     names = {"c": "apnet_c", "s": "apnet_s"}
     if variant not in names:
         raise ValueError(f"variant must be 'c' or 's', got {variant!r}")
