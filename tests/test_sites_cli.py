@@ -50,17 +50,24 @@ def test_timm_model_and_nhwc_layout(capsys):
     assert code == 0 and out.splitlines()[1].split() == ["features.1", "96", "56x56", "4", "NHWC", "yes"]
 
 
-def test_errors_are_one_line(capsys):
-    code, out, err = run(capsys, "no_such_net")
-    assert code == 2 and out == ""
-    assert err.strip().count("\n") == 0 and "unknown model 'no_such_net'" in err and "Traceback" not in err
-    code, _, err = run(capsys, "vit_b_16", "--input", "224x224")  # ViT takes one image size only
-    assert code == 1 and err.strip().count("\n") == 0 and "shape probe could not run VisionTransformer" in err
-    for bad in ("256", "256x0", "axb"):
-        with pytest.raises(SystemExit) as exit_info:
-            main(["sites", "resnet18", "--input", bad])
-        assert exit_info.value.code == 2
-        assert "expected HxW" in capsys.readouterr().err
+ERRORS = [
+    (["no_such_net"], "unknown model 'no_such_net'"),
+    (["vit_b_16", "--input", "224x224"], "shape probe could not run VisionTransformer"),  # one image size only
+    (["resnet18", "--input", "1x1"], "resnet18 outputs no feature map that follows the input size at 1x1"),
+    (["resnet18", "--input", "256"], "argument --input: expected HxW"),
+    (["resnet18", "--input", "256x0"], "argument --input: expected HxW"),
+    (["resnet18", "--input", "axb"], "argument --input: expected HxW"),
+    (["resnet18", "--format", "csv"], "argument --format: invalid choice"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", ERRORS, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
+def test_errors_are_one_line_and_status_2(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sites", *argv])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("reid-attention sites: error: ") and expected in err, err
 
 
 def test_console_entry_point():

@@ -4,7 +4,8 @@ The model is built by name with random weights (``torchvision.models.get_model(n
 weights=None)``, else ``timm.create_model(name, pretrained=False)``), on the meta device where
 its constructor allows it (no memory, no initialisation arithmetic), and probed by
 :func:`reid_attention.list_sites`. Each row: name, channels, map size, stride, layout and whether
-:func:`reid_attention.insert_attention` uses the site by default.
+:func:`reid_attention.insert_attention` uses the site by default. Every error is one
+``reid-attention sites: error: ...`` line on stderr, with exit status 2.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ._extras import MissingExtraError, require
 from .insert import Site, default_sites, list_sites
 
 COLUMNS = ("name", "channels", "map", "stride", "layout", "default")
@@ -32,15 +34,16 @@ def parse_size(text: str) -> Tuple[int, int]:
 
 
 def _builder(name: str) -> Optional[Callable[[], nn.Module]]:
-    """A constructor of model ``name`` (torchvision first, then timm if installed), or None."""
+    """A constructor of model ``name`` (torchvision first, then timm), or None.
+
+    Raises MissingExtraError without torchvision, or without timm for a name torchvision lacks.
+    """
+    require("torchvision", feature="reid-attention sites", extra="vision")
     import torchvision.models as tvm
 
     if name in tvm.list_models():
         return lambda: tvm.get_model(name, weights=None)
-    try:
-        import timm
-    except ImportError:
-        return None
+    timm = require("timm", feature=f"model {name!r}, unknown to torchvision,")
     if timm.is_model(name):
         return lambda: timm.create_model(name, pretrained=False)
     return None
@@ -92,8 +95,15 @@ def table(entries: List[dict]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line (the usage is one ``--help`` away), exit status 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="reid-attention sites",
         description="List where attention can go in a torchvision or timm model "
         "(random weights, meta device).",
@@ -108,18 +118,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parser().parse_args(argv)  # bad arguments: usage and exit status 2
+    p = parser()
+    args = p.parse_args(argv)
     try:
         model = build_model(args.model)
-    except LookupError as err:
-        print(f"reid-attention sites: {err.args[0]}", file=sys.stderr)
-        return 2
-    try:
         ends = list_sites(model, args.input)
         sites = list_sites(model, args.input, stages_only=False) if args.all else ends
-    except ValueError as err:  # the model cannot be probed (e.g. a ViT that takes one image size)
-        print(f"reid-attention sites: {err}", file=sys.stderr)
-        return 1
+    except (MissingExtraError, LookupError, ValueError) as err:  # ValueError: the probe could not run
+        p.error(str(err))
+    if not sites:
+        p.error(f"{args.model} outputs no feature map that follows the input size at {args.input[0]}x"
+                f"{args.input[1]}: attention goes on 4-D maps, which token-sequence models such as ViT "
+                "do not have (or try a larger --input)")
     entries = rows(sites, default_sites(ends))
     if args.format == "json":
         print(json.dumps({"model": args.model, "input_size": list(args.input), "sites": entries}, indent=2))
