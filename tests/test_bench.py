@@ -154,7 +154,8 @@ def test_module_entry_point():
                            "--impl", "fused"], capture_output=True, text=True, check=True)
     assert json.loads(done.stdout)["records"][0]["impl"] == "fused"
     bad = subprocess.run([sys.executable, "-m", "reid_attention", "frobnicate"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "available: bench" in bad.stderr
+    assert bad.returncode == 2
+    assert bad.stderr == "reid-attention: error: unknown command 'frobnicate'; expected bench or sites\n"
 
 
 def test_parse_sites():
@@ -399,6 +400,25 @@ def test_bad_arguments_get_one_line_and_status_2(argv, expected, capsys):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "error: " in lines[0] and expected in lines[0], captured.err
     assert captured.out == ""
+
+
+def test_output_paths_are_checked_before_any_row(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [
+        (["layers", "--out", f"{a_file}/r.json"], f"--out: cannot write '{a_file}/r.json': '{a_file}' is not a"),
+        (["network", "--out", str(tmp_path)], f"--out: '{tmp_path}' is a directory"),
+        (["sweep", "--plot", f"{a_file}/deeper/x.png"], f"--plot: cannot write '{a_file}/deeper/x.png'"),
+    ]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 2 and captured.out == "", captured.err
+        assert len(captured.err.splitlines()) == 1 and expected in captured.err, captured.err
+    new = tmp_path / "new" / "dir" / "r.json"
+    assert cli.build_parser().parse_args(["layers", "--out", str(new)]).out == new
+    assert not (tmp_path / "new").exists()  # made when the file is written
 
 
 def test_misplaced_option_hint_from_the_module_entry_point():

@@ -24,7 +24,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return sites_main(argv[1:])
     if argv[0] != "bench":
-        print(f"reid-attention: unknown command {argv[0]!r}; available: bench, sites", file=sys.stderr)
+        print(f"reid-attention: error: unknown command {argv[0]!r}; expected bench or sites", file=sys.stderr)
         return 2
     from .bench.cli import main as bench_main
 

@@ -2,9 +2,10 @@
 
 The commands (``layers``, ``network``, ``sweep`` and the ``default`` run) build result records
 (see :func:`run`) and print them as a table, JSON, CSV or markdown; :data:`DESCRIPTION` is the
-user-facing summary shown by ``--help``. Bad arguments end in one ``error:`` line and exit
-status 2; a row that failed for a reason other than running out of memory makes the exit
-status 1 (:func:`..suites.failed`).
+user-facing summary shown by ``--help``. Bad arguments (an unwritable ``--out``, a missing
+optional package included) end in one ``error:`` line and exit status 2 before any row runs;
+a row that failed for a reason other than running out of memory makes the exit status 1
+(:func:`..suites.failed`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from .. import __version__
 from .._common import IMPLS, MEMORY_MODES, MemorySwitch
+from .._extras import MissingExtraError, require
 from ..registry import create_attention, list_attentions, needs_feat_size
 from .measure import MALLOC_MODES, STEPS, set_malloc
 from .report import FORMATS, environment, format_flagged, row_name
@@ -181,13 +183,26 @@ def _device(text: str) -> str:
 
 def _backbone(text: str) -> str:
     try:
-        import torchvision
-    except ImportError:
-        raise argparse.ArgumentTypeError(
-            "needs torchvision: pip install 'reid-attention[vision]'") from None
+        torchvision = require("torchvision", feature="reid-attention bench network", extra="bench")
+    except MissingExtraError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     names = torchvision.models.list_models(module=torchvision.models)
     listing = "a name of torchvision.models.list_models(module=torchvision.models), e.g. resnet50"
     return _one_of(names, "torchvision classification model", listing=listing)(text)
+
+
+def _writable(text: str) -> pathlib.Path:
+    """A file path that can be written: not a directory, and its nearest existing ancestor a
+    writable directory (the missing ones are created when writing)."""
+    path = pathlib.Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; expected a file path")
+    where = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
+    if where is not path and not where.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(where)!r} is not a directory")
+    if not os.access(where, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(where)!r} is not writable")
+    return path
 
 
 # --- the parser -------------------------------------------------------------------------------
@@ -244,7 +259,7 @@ def _add_common(p: argparse.ArgumentParser, batch: int, memory_batch: Optional[i
     p.add_argument("--repeat", dest="min_run_time", metavar="SECONDS", type=_positive_float, default=0.5,
                    help="seconds of timed runs per row (torch.utils.benchmark blocked autorange)")
     p.add_argument("--format", default="table", choices=FORMATS, help="output format")
-    p.add_argument("--out", type=pathlib.Path, default=None,
+    p.add_argument("--out", type=_writable, default=None,
                    help="also write the output to this file, in --format (default: print only)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -297,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resolutions", type=_sizes, default="128x64,256x128,384x192,512x256",
                        help="comma-separated input sizes HxW")
     sweep.add_argument("--impl", type=impls, default=",".join(IMPLS), help="comma-separated impls")
-    sweep.add_argument("--plot", type=pathlib.Path, default=None,
+    sweep.add_argument("--plot", type=_writable, default=None,
                        help="PNG path (default: next to --out, with .png; none without --out)")
     _add_common(sweep, batch=16, memory_batch=None)
 
@@ -472,6 +487,22 @@ def _run_jobs(jobs: Sequence[Tuple[str, Any]], quiet: bool) -> List[Dict[str, An
 # --- checks before any measurement --------------------------------------------------------------
 
 
+def check_extras(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Import the optional packages the command needs, so that a missing one ends in a
+    ``parser.error`` before anything is measured: torchvision for the default run's network rows
+    (``network`` checks it as it parses ``--backbone``), matplotlib for the sweep's plot."""
+    needs = []
+    if args.command == "default":
+        needs.append(("torchvision", "reid-attention bench (its ResNet-50 rows)"))
+    if args.command == "sweep" and (args.plot or args.out):
+        needs.append(("matplotlib", "the plot of reid-attention bench sweep (--plot, or next to --out)"))
+    for package, feature in needs:
+        try:
+            require(package, feature=feature, extra="bench")
+        except MissingExtraError as err:
+            parser.error(str(err))
+
+
 def check_buildable(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Build every layer (or the network) of the command on the meta device, so that a site or
     backbone the attention cannot take ends in a ``parser.error`` before anything is measured
@@ -617,6 +648,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     if extra:
         hint = _misplaced(extra, args.command, parser.commands)
         command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    check_extras(args, command)
     check_buildable(args, command)
     result = run(args)
     text = render(result, args.format)
