@@ -52,7 +52,7 @@ def test_timm_model_and_nhwc_layout(capsys):
 
 ERRORS = [
     (["no_such_net"], "unknown model 'no_such_net'"),
-    (["vit_b_16", "--input", "224x224"], "shape probe could not run VisionTransformer"),  # one image size only
+    (["vit_b_16", "--input", "224x224"], "shape probe could not run VisionTransformer"),  # one size only
     (["resnet18", "--input", "1x1"], "resnet18 outputs no feature map that follows the input size at 1x1"),
     (["resnet18", "--input", "256"], "argument --input: expected HxW"),
     (["resnet18", "--input", "256x0"], "argument --input: expected HxW"),
@@ -67,7 +67,8 @@ def test_errors_are_one_line_and_status_2(argv, expected, capsys):
         main(["sites", *argv])
     out, err = capsys.readouterr()
     assert exit_info.value.code == 2 and out == ""
-    assert len(err.splitlines()) == 1 and err.startswith("reid-attention sites: error: ") and expected in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("reid-attention sites: error: "), err
+    assert expected in err
 
 
 def test_console_entry_point():
