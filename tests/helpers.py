@@ -15,6 +15,7 @@ import itertools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import reid_attention as ra
 from reid_attention.registry import needs_feat_size
@@ -193,3 +194,72 @@ def build(
 def kind_impl_params(kinds=KINDS):
     """pytest params over kinds x impls, with readable ids."""
     return [pytest.param(k, i, id=f"{k}-{i}") for k, i in itertools.product(kinds, IMPLS)]
+
+
+# --- what float32 rounding can do to a computation -------------------------------------------
+
+U32 = 2.0**-24  # unit roundoff of float32
+_CONTRACTIONS = {  # op -> (argument index, dim) of the summed length of a matrix product
+    torch.ops.aten.mm.default: (0, -1),
+    torch.ops.aten.bmm.default: (0, -1),
+    torch.ops.aten.addmm.default: (1, -1),
+    torch.ops.aten.baddbmm.default: (1, -1),
+}
+_RELU = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
+
+
+def _summed_length(func, args, out: torch.Tensor) -> int:
+    """How many terms each element of ``out`` sums: the contraction length of a matrix product
+    or convolution, the reduced count of a reduction or norm (input size / output size), else 1."""
+    if func in _CONTRACTIONS:
+        index, dim = _CONTRACTIONS[func]
+        return args[index].shape[dim]
+    if func is torch.ops.aten.convolution.default:
+        return args[1][0].numel()
+    first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if first is None or out.numel() == 0:
+        return 1
+    return max(1, first.numel() // out.numel())
+
+
+class RoundingProbe(TorchDispatchMode):
+    """A float64 run that models float32 rounding, recording every ReLU's input.
+
+    Under ``RoundingProbe(seed)`` each floating result of an op (forward and backward) is rounded
+    to the nearest float32 after an error of ``sqrt(k) * U32 * r`` relative, r uniform in
+    [-1, 1] and k the number of terms the op sums (:func:`_summed_length`; 1 for elementwise
+    ops, which are only rounded): the typical error of a float32 kernel accumulating k terms,
+    which a float64 computation then carries through everything after it as float32 would
+    (saturation and underflow included: a sigmoid of a large logit rounds to exactly 1). The
+    spread of a few such runs is the computation's sensitivity to float32 rounding, its
+    conditioning, measured in float64 and so the same on every CPU. ``seed=None`` changes
+    nothing and only records. ``relu_inputs`` holds the input of every ReLU in call order.
+    """
+
+    def __init__(self, seed=None):
+        super().__init__()
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.relu_inputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RELU:
+            self.relu_inputs.append(args[0].detach().clone())
+        out = func(*args, **kwargs)
+        schema = func._schema
+        if self.generator is None or (schema.returns and schema.returns[0].alias_info is not None
+                                      and not schema.is_mutable):
+            return out  # a view: no arithmetic
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.numel():
+                k = _summed_length(func, args, t)
+                if k > 1:
+                    r = torch.rand(t.shape, generator=self.generator, dtype=t.dtype) * 2 - 1
+                    t.mul_(1 + (k**0.5 * U32) * r)
+                t.copy_(t.float())
+        return out
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b|, in float64."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()

@@ -23,7 +23,10 @@ from helpers import (
     build,
     kind_impl_params,
     make_input,
+    relative_error,
+    RoundingProbe,
     run_step,
+    U32,
 )
 
 import reid_attention as ra
@@ -165,19 +168,68 @@ def test_all_zero_map(kind, impl, train):
         assert torch.isfinite(t.double()).all(), f"{name} not finite"
 
 
+# float32 is trusted to within ROUNDING_FACTOR times what modelled float32 rounding does to the
+# same computation (see helpers.RoundingProbe), plus a few units of float32 roundoff for the final
+# rounding of the result. Measured on AMD EPYC (AVX-512, AVX2 and default ATen kernels): the real
+# float32 error is 0.1-1.7x the probe's largest deviation over PROBE_SEEDS runs, so 4 leaves room
+# for kernels that round less favourably without hiding a bug (a missing float32 island or an
+# unguarded divisor moves the error by orders of magnitude, not by 4x).
+ROUNDING_FACTOR = 4
+PROBE_SEEDS = 3
+INPUT_SEEDS = range(10)
+
+
+def _rounding_envelope(module: torch.nn.Module, x: torch.Tensor):
+    """(exact step, worst probe deviation of output and input grad, whether some ReLU input lies
+    within ROUNDING_FACTOR times its own worst probe deviation of the kink), all in float64."""
+    with RoundingProbe() as exact:
+        want = run_step(copy.deepcopy(module), x)
+    deviation, moved = [0.0, 0.0], [torch.zeros_like(v) for v in exact.relu_inputs]
+    for seed in range(PROBE_SEEDS):
+        with RoundingProbe(seed) as probe:
+            got = run_step(copy.deepcopy(module), x)
+        deviation = [max(d, relative_error(a, b)) for d, a, b in zip(deviation, got[:2], want[:2])]
+        moved = [torch.maximum(m, (a - b).abs()) for m, a, b in zip(moved, probe.relu_inputs, exact.relu_inputs)]
+    kink = any((v.abs() < ROUNDING_FACTOR * m).any().item() for v, m in zip(exact.relu_inputs, moved))
+    return want, deviation, kink
+
+
 @pytest.mark.parametrize("scale", [1e-6, 1e6])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("kind,impl", ALL)
 def test_extreme_magnitudes_float32_matches_float64(kind, impl, train, scale):
-    """float32 output and input gradient within 1e-3 of float64, relative to their largest
-    magnitude (measured: <= 3e-4, at 1e-6 where BatchNorm's eps dominates the variance)."""
-    m64 = build(kind, impl).train(train)
-    m32 = copy.deepcopy(m64).float()
-    x = make_input(3, scale=scale)
-    got, want = run_step(m32, x.float()), run_step(m64, x)
-    for a, b in [(got[0], want[0]), (got[1], want[1])]:
-        assert torch.isfinite(a).all()
-        assert ((a.double() - b).abs().max() / b.abs().max()).item() <= 1e-3
+    """float32 output and input gradient at 1e-6 and 1e6 scale equal float64's up to rounding
+    amplified by the computation's own conditioning.
+
+    The tolerance is not a number measured on one CPU. At 1e-6, BatchNorm's eps dominates the
+    variance, theta and phi are nearly constant and the relation embedding's BatchNorm divides
+    variations 1e-3 of its input's mean: float32 rounding is amplified ~1e3 there (error 1e-4 of
+    the output), and a float32 kernel that rounds differently (another CPU) moves it. So the
+    reference for float32 is float64 on the same float32 weights and input, and the tolerance
+    is ROUNDING_FACTOR x the largest deviation of float64 runs under :class:`RoundingProbe`
+    (modelled float32 rounding), + 4 float32 units.
+
+    The gradient is discontinuous where a ReLU input crosses zero: within rounding of a kink,
+    float32 and float64 take different sides and their gradients differ by O(1) whatever the
+    precision (rga_c at 1e-6, input seed 0: a W-network ReLU input 1e-4 from its kink, 0.1 of the
+    probe's deviation there, gave 0.11 on Intel). The input is therefore the first of
+    INPUT_SEEDS whose every ReLU input stays ROUNDING_FACTOR probe deviations from zero; the
+    search runs in float64 and picks the same seed on every CPU.
+    """
+    m32 = build(kind, impl).train(train).float()
+    m64 = copy.deepcopy(m32).double()  # float32's weights, exactly
+    for seed in INPUT_SEEDS:
+        x32 = make_input(3, scale=scale, seed=seed).float()
+        want, deviation, kink = _rounding_envelope(m64, x32.double())
+        if not kink:
+            break
+    else:
+        pytest.fail(f"every input seed puts a ReLU input within rounding of its kink: {list(INPUT_SEEDS)}")
+    got = run_step(m32, x32)
+    for name, a, b, d in zip(("output", "input grad"), got[:2], want[:2], deviation):
+        assert torch.isfinite(a).all(), name
+        assert relative_error(a, b) <= ROUNDING_FACTOR * d + 4 * U32, (
+            f"{name}: float32 error {relative_error(a, b):.2e}, modelled rounding {d:.2e} (seed {seed})")
 
 
 # --- batch sizes ----------------------------------------------------------------------------
