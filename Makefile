@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: test bench gpu-check install-test install-bench lint clean
+.PHONY: test test-isa bench gpu-check install-test install-bench lint clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ BENCH_INSTALL := $(if $(wildcard $(VENV)/.installed-test),$(VENV)/.installed-tes
 
 test: install-test
 	$(PY) -m pytest -q
+
+# The numerics-sensitive tests under other CPU kernels: ATen's portable and AVX2 kernels instead of
+# AVX-512, and MKL restricted to AVX2 (each changes float32 rounding, as another CPU would).
+ISA_TESTS := tests/test_contract.py tests/test_rga.py tests/test_pyramid.py tests/test_pfsa.py \
+	tests/test_memory.py tests/test_norms.py tests/test_ddp.py tests/test_inference.py
+ISA_SETTINGS := ATEN_CPU_CAPABILITY=default ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
+
+test-isa: install-test
+	@set -e; for setting in $(ISA_SETTINGS); do \
+		echo "== $$setting"; env $$setting $(PY) -m pytest -q -p no:cacheprovider $(ISA_TESTS); \
+	done
 
 # The default benchmark: every attention kind at one paper site (reference vs fused) and the
 # ResNet-50 + RGA-SC network overhead, each row one realistic training step; CPU-sized (a few
