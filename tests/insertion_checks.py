@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import reid_attention as ra
-from reid_attention._common import SITE_ATTR
+from reid_attention._checks import SITE_ATTR
 from reid_attention.insert import _ShapeOnly, default_sites
 
 KINDS = tuple(ra.list_attentions())

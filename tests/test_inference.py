@@ -1,5 +1,4 @@
-"""fold_batchnorm_scales: same eval function, original untouched, state_dict contract kept;
-fuse_for_inference, its deprecated alias."""
+"""fold_batchnorm_scales: same eval function, original untouched, state_dict contract kept."""
 
 from __future__ import annotations
 
@@ -112,13 +111,3 @@ def test_unfoldable_pairs_are_left_alone(seq):
 def test_meta_device_module_folds():
     folded = fold_batchnorm_scales(build("rga_sc").to("meta"))
     assert folded(make_input(2).to("meta")).shape == (2, 64, 16, 8)
-
-
-def test_public_name_and_deprecated_alias():
-    assert ra.fold_batchnorm_scales is fold_batchnorm_scales
-    module = build("rga_s")
-    with pytest.warns(DeprecationWarning, match="use fold_batchnorm_scales"):
-        old = ra.fuse_for_inference(module)
-    new = fold_batchnorm_scales(module)
-    for (key, a), b in zip(old.state_dict().items(), new.state_dict().values()):
-        assert torch.equal(a, b), key

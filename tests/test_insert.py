@@ -22,7 +22,7 @@ from torchvision.models.swin_transformer import SwinTransformer
 
 import reid_attention as ra
 from insertion_checks import KINDS, SIZES, check_default_insertion, check_real_step
-from reid_attention._common import SITE_ATTR
+from reid_attention._checks import SITE_ATTR
 from reid_attention.insert import NHWCAdapter, fx_leaf_modules
 
 

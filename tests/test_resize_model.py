@@ -10,7 +10,7 @@ import torchvision.models as tvm
 from torchvision.models.swin_transformer import SwinTransformer
 
 import reid_attention as ra
-from reid_attention._common import SITE_ATTR
+from reid_attention._checks import SITE_ATTR
 
 # Weights whose input axis is indexed by position: the only tensors that change shape.
 POSITIONAL = ("gg_spatial.0.weight", "theta_channel.0.weight", "phi_channel.0.weight", "gx_channel.0.weight")

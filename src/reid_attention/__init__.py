@@ -7,7 +7,7 @@ Layers: :class:`RGA` (RGA-S / RGA-C / RGA-SC), :class:`ParameterFreeSpatialAtten
 from importlib import metadata as _metadata
 
 from .registry import create_attention, list_attentions, register_attention
-from .inference import fold_batchnorm_scales, fuse_for_inference
+from .inference import fold_batchnorm_scales
 from .pfsa import ParameterFreeSpatialAttention
 from .pyramid import APNetC, APNetS
 from .rga import RGA
@@ -22,7 +22,6 @@ __all__ = [
     "convert",
     "create_attention",
     "fold_batchnorm_scales",
-    "fuse_for_inference",
     "insert_attention",
     "list_attentions",
     "list_sites",

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ._common import compute_dtype, no_autocast
+from ._precision import compute_dtype, no_autocast
 from ._embedding import LeanEmbedding, factors
 from ._norm import NormLayer, affine_parameters, is_plain, make_norm, norm_channels, one_kernel
 

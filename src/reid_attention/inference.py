@@ -1,4 +1,4 @@
-"""BatchNorm scale folding: :func:`fold_batchnorm_scales` (formerly ``fuse_for_inference``).
+"""BatchNorm scale folding: :func:`fold_batchnorm_scales`.
 
 An eval-mode BatchNorm after a convolution is an affine map per output channel,
 
@@ -24,22 +24,19 @@ bias-free convolution and a ReLU, so it can only move into a new conv bias (a ke
 state_dict does not have, and which the fused paths, reading ``seq[0].weight``, would have to
 learn to apply), and in the ``W`` network's last BatchNorm it is already all that is left. Use it
 where weights that carry the normalisation are wanted: per-channel weight quantisation, or
-handing the weights to a runtime or a kernel that applies the shift as a bias. Hence the name:
-the previous ``fuse_for_inference`` promised a speed-up it never gave; it remains as a deprecated
-alias.
+handing the weights to a runtime or a kernel that applies the shift as a bias.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["fold_batchnorm_scales", "fuse_for_inference"]
+__all__ = ["fold_batchnorm_scales"]
 
 
 def fold_batchnorm_scales(module: nn.Module) -> nn.Module:
@@ -65,18 +62,6 @@ def fold_batchnorm_scales(module: nn.Module) -> nn.Module:
                 if _foldable(conv, bn):
                     _fold(conv, bn)
     return folded
-
-
-def fuse_for_inference(module: nn.Module) -> nn.Module:
-    """Deprecated alias of :func:`fold_batchnorm_scales` (same result; it never fused anything
-    that made inference faster)."""
-    warnings.warn(
-        "reid_attention.fuse_for_inference is deprecated: use fold_batchnorm_scales (same result; "
-        "it folds BatchNorm scales into conv weights and does not speed up inference)",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return fold_batchnorm_scales(module)
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:

@@ -51,7 +51,7 @@ every original state_dict key is unchanged and a checkpoint of the unwrapped mod
 
 On an NHWC site the attention is wrapped in :class:`NHWCAdapter`, so it sees (B, C, H, W) and the
 stage's (B, H, W, C) layout is restored. Every inserted module (the layer, and its adapter) is
-tagged with the name of its site (attribute ``_common.SITE_ATTR``): a second insertion at the same
+tagged with the name of its site (attribute ``_checks.SITE_ATTR``): a second insertion at the same
 site is refused, probes see through it, :func:`resize_attention` finds its site, and the layers'
 errors name it.
 
@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ._common import SITE_ATTR, SizeLike, pair
+from ._checks import SITE_ATTR, SizeLike, pair
 from .registry import create_attention, needs_feat_size
 
 __all__ = [

@@ -53,7 +53,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._common import ImplSwitch, check_input, check_positive_int, compute_dtype, no_autocast
+from ._checks import check_input, check_positive_int
+from ._precision import compute_dtype, no_autocast
+from ._switches import ImplSwitch
 
 __all__ = ["ParameterFreeSpatialAttention"]
 

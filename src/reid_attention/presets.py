@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Optional
 
 from torch import Tensor, nn
 
-from ._common import SizeLike
+from ._checks import SizeLike
 from ._extras import require
 from .convert import describe_keys
 from .insert import _Caller, _insert, _inserted_names, set_last_stride

@@ -33,16 +33,9 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._common import (
-    ImplSwitch,
-    MemorySwitch,
-    check_input,
-    check_positive_int,
-    compute_dtype,
-    feat_pair,
-    no_autocast,
-    where,
-)
+from ._checks import check_input, check_positive_int, feat_pair, layer_name
+from ._precision import compute_dtype, no_autocast
+from ._switches import ImplSwitch, MemorySwitch
 from ._norm import NormLayer, batchnorm_affine, make_norm, norm_channels, one_kernel, run_module
 from ._relation import gate, relation_logits_fused
 from .rga import RGA
@@ -256,7 +249,7 @@ class APNetC(ImplSwitch, nn.Module):
         self.impl = impl
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, where(self), self.channels)
+        check_input(x, layer_name(self), self.channels)
         if self.training and len(self.split) and x.shape[0] == 1:
             raise ValueError(
                 "APNetC with levels >= 2 needs a batch of at least 2 in training mode: its split "
@@ -412,7 +405,7 @@ class APNetS(ImplSwitch, MemorySwitch, nn.Module):
         return resized
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, where(self), self.channels, self.feat_size)
+        check_input(x, layer_name(self), self.channels, self.feat_size)
         for level in reversed(self.levels):
             if self._impl == "reference":
                 x = stripe_loop(x, level)

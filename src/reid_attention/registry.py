@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 from torch import nn
 
-from ._common import SizeLike, check_positive_int, feat_pair
+from ._checks import SizeLike, check_positive_int, feat_pair
 
 __all__ = ["create_attention", "list_attentions", "register_attention"]
 

@@ -30,17 +30,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ._common import (
-    ImplSwitch,
-    MemorySwitch,
-    autocast_dtype,
-    check_input,
-    check_positive_int,
-    compute_dtype,
-    feat_pair,
-    no_autocast,
-    where,
-)
+from ._checks import check_input, check_positive_int, feat_pair, layer_name
+from ._precision import autocast_dtype, compute_dtype, no_autocast
+from ._switches import ImplSwitch, MemorySwitch
 from ._norm import NormLayer
 from ._relation import (
     AxisWidths,
@@ -157,7 +149,7 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
         memory: ``"default"`` or ``"lean"`` (fused path: of each axis only the projection GEMM
             output and small results are kept for backward, the rest is recomputed there and
             the relation embedding is never held whole; exact BatchNorms only, see
-            :class:`reid_attention._common.MemorySwitch`); settable. In either mode the fused
+            :class:`reid_attention._switches.MemorySwitch`); settable. In either mode the fused
             RGA-SC keeps no copy of the spatially gated map for backward (it is recomputed
             from the input and the gate).
         device, dtype: torch's factory keywords for the parameters and buffers.
@@ -270,7 +262,7 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
         return self._logits(rearrange(x, "b c h w -> b c (h w)"), "spatial")
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, where(self), self.channels, self.feat_size)
+        check_input(x, layer_name(self), self.channels, self.feat_size)
         b, c, h, w = x.shape
         if self.spatial and self.channel and self._impl == "fused" and torch.is_grad_enabled():
             return self._spatial_then_channel(x)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 
 from .. import __version__
-from .._common import IMPLS, MEMORY_MODES, MemorySwitch
+from .._switches import IMPLS, MEMORY_MODES, MemorySwitch
 from .._extras import MissingExtraError, require
 from ..registry import create_attention, list_attentions, needs_feat_size
 from .measure import MALLOC_MODES, STEPS, set_malloc

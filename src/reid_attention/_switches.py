@@ -1,0 +1,70 @@
+"""The two run-time switches of the layers: ``impl`` (every layer) and ``memory`` (RGA, APNet-S)."""
+
+from __future__ import annotations
+
+IMPLS = ("reference", "fused")
+MEMORY_MODES = ("default", "lean")
+
+
+def check_impl(impl: object) -> str:
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+class ImplSwitch:
+    """Mixin of every layer: the ``impl`` attribute ("reference" | "fused"), validated on every
+    assignment, and a clear refusal of ``torch.jit.script``.
+
+    TorchScript (in maintenance in PyTorch) cannot compile the layers' Python-level dispatch
+    (the impl switch, norm routing, autograd Functions); ``torch.jit.trace``, ``torch.export``
+    and ONNX export record the computation instead and are supported.
+    """
+
+    _impl: str
+
+    def __prepare_scriptable__(self):
+        raise TypeError(
+            f"{type(self).__name__} does not support torch.jit.script; record it with "
+            "torch.jit.trace(model, example), torch.export.export(model, (example,)) or "
+            "torch.onnx.export instead (all supported)"
+        )
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        self._impl = check_impl(value)
+
+
+class MemorySwitch:
+    """Mixin of the relation layers: ``memory`` ("default" | "lean"), validated on assignment.
+
+    ``"lean"``: the fused path keeps, of each agent's computation after its projection GEMM,
+    only that GEMM's output (3d' x n per sample) and a few small results (the relation
+    embedding's statistics, factors and its product with W's first conv) for backward, and
+    recomputes the norms and the W network there; the relation embedding, the largest
+    activation of a training step (n/s x n per sample), is computed in batch chunks and never
+    held whole (:mod:`reid_attention._embedding`). Same gradients and statistics. Exact
+    BatchNorms and plain ReLUs only (a module must not run twice); other norms keep the
+    default path.
+    """
+
+    _memory: str = "default"
+
+    @property
+    def memory(self) -> str:
+        return self._memory
+
+    @memory.setter
+    def memory(self, value: str) -> None:
+        if not isinstance(value, str) or value not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {value!r}")
+        self._memory = value
+
+    @property
+    def _lean(self) -> bool:
+        """Whether ``memory == "lean"``."""
+        return self._memory == "lean"
