@@ -49,6 +49,12 @@ bench: $(BENCH_INSTALL)
 gpu-check:
 	benchmarks/gpu_check.sh
 
+# The API reference, generated from the docstrings by pdoc (in the test extra): HTML in docs/api/
+# (git-ignored). Fails on a pdoc warning or a docstring cross-reference that names nothing.
+.PHONY: docs
+docs: install-test
+	$(PY) docs/build_api.py docs/api
+
 lint:
 	$(PIP) -e ".[dev]" && $(VENV)/bin/ruff check src tests benchmarks examples
 
