@@ -13,23 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
 
+from ._cli import OneLineParser, parse_size
 from ._extras import MissingExtraError, require
 from .insert import Site, default_sites, list_sites
 
 COLUMNS = ("name", "channels", "map", "stride", "layout", "default")
-
-
-def parse_size(text: str) -> Tuple[int, int]:
-    """``"256x128"`` -> (256, 128)."""
-    height, sep, width = text.lower().partition("x")
-    if not (sep and height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
-        raise argparse.ArgumentTypeError(f"expected HxW with positive integers, e.g. 256x128, got {text!r}")
-    return int(height), int(width)
 
 
 def _builder(name: str) -> Optional[Callable[[], nn.Module]]:
@@ -94,15 +87,8 @@ def table(entries: List[dict]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells)
 
 
-class _Parser(argparse.ArgumentParser):
-    """Errors as one line (the usage is one ``--help`` away), exit status 2."""
-
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="reid-attention sites",
         description="List where attention can go in a torchvision or timm model "
         "(random weights, meta device).",
