@@ -81,3 +81,24 @@ def test_the_reference_check_resolves_as_python_does():
     assert not resolves("RGA.no_such_method", "reid_attention.rga")
     assert not resolves("no_such_function", "reid_attention.rga")
     assert not resolves("..rga.RGA", "reid_attention.presets")                    # above the package
+
+
+def test_readme_citation_is_well_formed_bibtex():
+    """The README's BibTeX (an indented block: the README test runs only fenced python / bash) has
+    one entry per paper, balanced braces, the fields a citation needs, and the papers' arXiv ids."""
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Citation\n", 1)[1].split("\n## ", 1)[0]
+    bibtex = "\n".join(line[4:] for line in section.splitlines() if line.startswith("    "))
+    entries = re.split(r"\n(?=@)", bibtex.strip())
+    assert len(entries) == 3, bibtex
+    eprints = set()
+    for entry in entries:
+        assert re.match(r"@(article|inproceedings|misc)\{\w+,\n", entry), entry
+        assert entry.count("{") == entry.count("}") and entry.rstrip().endswith("}"), entry
+        fields = dict(re.findall(r"^\s+(\w+)\s*=\s*\{(.*)\},?$", entry, re.MULTILINE))
+        assert {"title", "author", "year", "eprint"} <= set(fields), entry
+        assert fields["title"] in readme.split("\n## Citation\n", 1)[0], f"{fields['title']} not in the layers table"
+        eprints.add(fields["eprint"])
+    assert eprints == {"1904.02998", "1811.12150", "2108.05340"}
