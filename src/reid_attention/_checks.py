@@ -1,5 +1,9 @@
 """Validation at the layers' boundaries: sizes, counts and input maps, with messages that say what
-was expected and what came."""
+was expected and what came.
+
+A value refused because of one argument raises :class:`ArgumentError` (a ``ValueError``) that
+carries the argument's name and value, so a caller (insertion, a preset) can say where to change
+it from that data instead of reading the message."""
 
 from __future__ import annotations
 
@@ -13,11 +17,27 @@ SizeLike = Union[int, Sequence[int]]
 SITE_ATTR = "_reid_attention_site"
 
 
+class ArgumentError(ValueError):
+    """A ``ValueError`` about one argument: ``argument`` is its name, ``value`` what came.
+
+    ``str(err)`` is the message alone; ``ArgumentError("levels", 3, "...")`` reads as "argument
+    ``levels``, value 3, what is wrong with it".
+    """
+
+    def __init__(self, argument: str, value: object, message: str) -> None:
+        super().__init__(message)
+        self.argument = argument
+        self.value = value
+
+    def __reduce__(self):  # pickles (e.g. across DDP / multiprocessing workers) with its data
+        return type(self), (self.argument, self.value, str(self))
+
+
 def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise ArgumentError(name, value, f"{name} must be >= 1, got {value}")
     return value
 
 
@@ -27,7 +47,7 @@ def pair(name: str, size: SizeLike, *, square_int: bool = True) -> Tuple[int, in
         size = (size, size)
     if not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2:
         expected = "an int or a pair (H, W)" if square_int else "a pair (H, W)"
-        raise ValueError(f"{name} must be {expected}, got {size!r}")
+        raise ArgumentError(name, size, f"{name} must be {expected}, got {size!r}")
     h, w = size
     return check_positive_int(f"{name}[0]", h), check_positive_int(f"{name}[1]", w)
 

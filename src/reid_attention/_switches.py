@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from ._checks import ArgumentError
+
 IMPLS = ("reference", "fused")
 MEMORY_MODES = ("default", "lean")
 
 
 def check_impl(impl: object) -> str:
     if not isinstance(impl, str) or impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        raise ArgumentError("impl", impl, f"impl must be one of {IMPLS}, got {impl!r}")
     return impl
 
 
@@ -61,7 +63,7 @@ class MemorySwitch:
     @memory.setter
     def memory(self, value: str) -> None:
         if not isinstance(value, str) or value not in MEMORY_MODES:
-            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {value!r}")
+            raise ArgumentError("memory", value, f"memory must be one of {MEMORY_MODES}, got {value!r}")
         self._memory = value
 
     @property

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_input, check_positive_int
+from ._checks import ArgumentError, check_input, check_positive_int
 from ._precision import compute_dtype, no_autocast
 from ._switches import ImplSwitch
 
@@ -178,11 +178,12 @@ class ParameterFreeSpatialAttention(ImplSwitch, nn.Module):
         if not isinstance(preserve_scale, bool):
             raise TypeError(f"preserve_scale must be a bool, got {type(preserve_scale).__name__}")
         if normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+            raise ArgumentError("normalize", normalize,
+                                f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)):
             raise TypeError(f"eps must be a float, got {type(eps).__name__}")
         if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
+            raise ArgumentError("eps", eps, f"eps must be > 0, got {eps}")
         self.normalize = normalize
         self.eps = float(eps)
         self.preserve_scale = preserve_scale

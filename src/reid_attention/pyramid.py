@@ -33,7 +33,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_input, check_positive_int, feat_pair, layer_name
+from ._checks import ArgumentError, check_input, check_positive_int, feat_pair, layer_name
 from ._precision import compute_dtype, no_autocast
 from ._switches import ImplSwitch, MemorySwitch
 from ._norm import NormLayer, batchnorm_affine, make_norm, norm_channels, one_kernel, run_module
@@ -54,7 +54,7 @@ def _check_levels(owner: str, levels: int, what: str, size: int) -> int:
     parts = 2 ** (levels - 1)
     if size % parts:
         most = max_levels(size)
-        raise ValueError(
+        raise ArgumentError("levels", levels,
             f"{owner} level {levels} splits {what} into {parts} parts: {what} = {size} is not "
             f"divisible by {parts}; levels 1..{most} work at this size (pass levels={most} or fewer)"
         )

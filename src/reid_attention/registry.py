@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 from torch import nn
 
-from ._checks import SizeLike, check_positive_int, feat_pair
+from ._checks import ArgumentError, SizeLike, check_positive_int, feat_pair
 
 __all__ = ["create_attention", "list_attentions", "register_attention"]
 
@@ -29,7 +29,7 @@ _REGISTRY: Dict[str, _Entry] = {}
 def register_attention(name: str, factory: Factory, *, needs_feat_size: bool, summary: str = "") -> None:
     """Register ``factory(channels, feat_size, **kw) -> nn.Module`` under ``name``."""
     if name in _REGISTRY:
-        raise ValueError(f"attention {name!r} is already registered")
+        raise ArgumentError("name", name, f"attention {name!r} is already registered")
     _REGISTRY[name] = _Entry(factory, needs_feat_size, summary)
 
 
@@ -45,7 +45,8 @@ def needs_feat_size(name: str) -> bool:
 
 def _entry(name: str) -> _Entry:
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"unknown attention {name!r}; available: {', '.join(list_attentions())}")
+        available = ", ".join(list_attentions())
+        raise ArgumentError("name", name, f"unknown attention {name!r}; available: {available}")
     return _REGISTRY[name]
 
 
@@ -54,7 +55,8 @@ def create_attention(name: str, channels: int, feat_size: Optional[SizeLike] = N
     entry = _entry(name)
     check_positive_int("channels", channels)  # also for kinds without weights (pfsa)
     if entry.needs_feat_size and feat_size is None:
-        raise ValueError(f"attention {name!r} depends on the map size: pass feat_size=(H, W)")
+        message = f"attention {name!r} depends on the map size: pass feat_size=(H, W)"
+        raise ArgumentError("feat_size", feat_size, message)
     return entry.factory(channels, feat_size, **kwargs)
 
 
