@@ -5,6 +5,9 @@ One build into a temporary directory, in a fresh interpreter as ``make docs`` ru
 annotation pdoc cannot read) and no docstring cross-reference (``:func:`name``` and the other
 roles) that names nothing -- and write the index, a page for the package and for every public
 module, and an entry for every name of the public API.
+
+Also: the README's citation is well-formed BibTeX for the three papers, and the relative links of
+the Markdown documentation (README, CHANGELOG, docs/, benchmarks/README.md) resolve.
 """
 
 from __future__ import annotations
@@ -102,3 +105,36 @@ def test_readme_citation_is_well_formed_bibtex():
         assert fields["title"] in readme.split("\n## Citation\n", 1)[0], f"{fields['title']} not in the layers table"
         eprints.add(fields["eprint"])
     assert eprints == {"1904.02998", "1811.12150", "2108.05340"}
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation other than '-' and '_' dropped, spaces -> '-'."""
+    import re
+
+    headings = re.findall(r"^#+\s+(.*)$", re.sub(r"```.*?```", "", markdown, flags=re.S), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_relative_links_in_the_documentation_resolve():
+    """Every relative link of README.md, CHANGELOG.md, docs/*.md and benchmarks/README.md names a file
+    of the tree, and every #anchor a heading of its page."""
+    import re
+
+    pages = [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "benchmarks" / "README.md",
+             *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        links = re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r'<img src="([^"]+)"', text)
+        for link in links:
+            if re.match(r"[a-z]+:", link):
+                continue  # https:, mailto:
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path).resolve() if path else page
+            if not target.exists():
+                if target.relative_to(ROOT).as_posix() in ("tools/compat_results.md",):
+                    continue  # written by `make test-compat`
+                broken.append(f"{page.relative_to(ROOT)}: {link} (no such file)")
+            elif anchor and target.suffix == ".md" and anchor not in _anchors(target.read_text(encoding="utf-8")):
+                broken.append(f"{page.relative_to(ROOT)}: {link} (no such heading)")
+    assert not broken, broken
