@@ -13,8 +13,11 @@ import pytest
 import torch
 
 import reid_attention as ra
-from reid_attention.bench import cli
-from reid_attention.bench.cli import main, parse_sites
+from reid_attention.bench import jobs
+from reid_attention.bench.args import build_parser, help_text, parse_sites
+from reid_attention.bench.cli import main
+from reid_attention.bench.jobs import with_overhead
+from reid_attention.bench.render import LAYER_COLUMNS, render
 from reid_attention.bench.measure import count_flops, is_out_of_memory, peak_memory, train_step
 from reid_attention.bench.suites import failed, layer_spec, measure, unreliable_reasons
 
@@ -117,8 +120,8 @@ def test_default_run_builds_its_rows(monkeypatch, capsys):
         return dict(label or {}, **{k: v for k, v in spec["kwargs"].items() if k in ("name", "impl")},
                     step_ms=1.0, peak_mib=1.0, params=1, gflops=1.0, unreliable=[])
 
-    monkeypatch.setattr(cli, "measure_layer", lambda spec, **kw: fake(spec, **kw))
-    monkeypatch.setattr(cli, "measure", fake)
+    monkeypatch.setattr(jobs, "measure_layer", lambda spec, **kw: fake(spec, **kw))
+    monkeypatch.setattr(jobs, "measure", fake)
     assert main(["--quiet", "--format", "json"]) == 0
     layers = [s for s in specs if s["factory"].endswith("create_attention")]
     assert len(layers) == 2 * len(ra.list_attentions())
@@ -180,7 +183,7 @@ def test_cli_network_overhead(capsys):
 
 
 def test_options_without_a_command_run_the_default():
-    from reid_attention.bench.cli import build_parser, normalise_argv
+    from reid_attention.bench.args import normalise_argv
 
     assert normalise_argv([]) == ["default"]
     assert normalise_argv(["--threads", "2"]) == ["default", "--threads", "2"]
@@ -317,7 +320,7 @@ def _fake_row(**fields):
 def test_exit_status_of_the_cli(monkeypatch, capsys, error, oom, status):
     """A row that failed other than by running out of memory makes the command exit 1."""
     row = _fake_row(error=error, oom=oom)
-    monkeypatch.setattr(cli, "measure_layer", lambda spec, **kw: dict(row))
+    monkeypatch.setattr(jobs, "measure_layer", lambda spec, **kw: dict(row))
     assert main(["layers", *TINY]) == status
     err = capsys.readouterr().err
     assert ("rga_sc 64:16x8 fused failed: RuntimeError: boom" in err) is (status == 1)
@@ -342,27 +345,27 @@ def test_unreliable_reasons(fields, expected):
 def _result(records):
     env = {"date": "2026-01-01", "device_name": "cpu", "threads": 2, "torch": "x", "dtype": "float32",
            "step_text": "forward + ..."}
-    return {"environment": env, "records": records, "tables": [(records, cli.LAYER_COLUMNS)]}
+    return {"environment": env, "records": records, "tables": [(records, LAYER_COLUMNS)]}
 
 
 def test_unreliable_rows_are_flagged_in_every_format():
     rows = [_fake_row(unreliable=[]), _fake_row(impl="reference", unreliable=["step: a single measured block"])]
-    table = cli.render(_result(rows), "table").splitlines()
+    table = render(_result(rows), "table").splitlines()
     body = [line for line in table if "rga_sc" in line and "64:16x8" in line and not line.startswith("! rga")]
     assert [line.startswith("!") for line in body] == [False, True]
     assert "! rga_sc 64:16x8 reference: step: a single measured block" in table
-    assert "| ! | rga_sc | 64:16x8 | reference |" in cli.render(_result(rows), "markdown")
-    csv_rows = list(csv.DictReader(io.StringIO(cli.render(_result(rows), "csv"))))
+    assert "| ! | rga_sc | 64:16x8 | reference |" in render(_result(rows), "markdown")
+    csv_rows = list(csv.DictReader(io.StringIO(render(_result(rows), "csv"))))
     assert [r["unreliable"] for r in csv_rows] == ["", "step: a single measured block"]
-    assert json.loads(cli.render(_result(rows), "json"))["records"][1]["unreliable"] == rows[1]["unreliable"]
-    clean = cli.render(_result([rows[0]]), "table")
+    assert json.loads(render(_result(rows), "json"))["records"][1]["unreliable"] == rows[1]["unreliable"]
+    clean = render(_result([rows[0]]), "table")
     assert "!" not in clean
 
 
 def test_overhead_ratios():
     plain = {"model": "r", "step_ms": 100.0, "peak_mib": 50.0, "params": 10, "gflops": 2.0}
     wrapped = {"model": "r + a", "step_ms": 150.0, "peak_mib": 60.0, "params": 12, "gflops": 2.5}
-    cli.with_overhead([plain, wrapped])
+    with_overhead([plain, wrapped])
     assert (wrapped["time_x"], wrapped["memory_x"], wrapped["gflops_x"]) == (1.5, 1.2, 1.25)
     assert wrapped["time_per_flop_x"] == pytest.approx(1.2) and plain["time_per_flop_x"] == 1
 
@@ -417,7 +420,7 @@ def test_output_paths_are_checked_before_any_row(tmp_path, capsys):
         assert exit_info.value.code == 2 and captured.out == "", captured.err
         assert len(captured.err.splitlines()) == 1 and expected in captured.err, captured.err
     new = tmp_path / "new" / "dir" / "r.json"
-    assert cli.build_parser().parse_args(["layers", "--out", str(new)]).out == new
+    assert build_parser().parse_args(["layers", "--out", str(new)]).out == new
     assert not (tmp_path / "new").exists()  # made when the file is written
 
 
@@ -429,14 +432,14 @@ def test_misplaced_option_hint_from_the_module_entry_point():
 
 
 def test_help_is_plain_text_and_shows_every_default():
-    parser = cli.build_parser()
+    parser = build_parser()
     for name, sub in parser.commands.items():
         text = sub.format_help()
         assert "``" not in text and ":func:" not in text and "None" not in text, name
-        for action in sub._actions:
+        for action in sub.arguments:
             if action.option_strings and action.dest != "help":
                 assert action.help, (name, action.option_strings)
-                assert "(default" in cli._HelpFormatter("x")._get_help_string(action), (name, action.option_strings)
+                assert "(default" in help_text(action), (name, action.option_strings)
     assert "``" not in parser.format_help()
 
 
