@@ -2,9 +2,10 @@
 
 Shared by the torchvision matrix (test_insert.py) and the timm one (test_timm.py). A model is
 built once per input size on the meta device and copied for each kind; the forward and backward
-run on meta tensors with normalisations and activations shape-only (``_ShapeOnly``: on the meta
-device their decompositions cost most of the time), so several hundred model x kind x size combinations fit in
-a few minutes. Numerics are checked on small real models (``check_real_step``).
+run on meta tensors with normalisations and activations shape-only (``ShapeOnly``, the probe's own
+seam in ``reid_attention._probe``: on the meta device their decompositions cost most of the time),
+so several hundred model x kind x size combinations fit in a few minutes. Numerics are checked on
+small real models (``check_real_step``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from torch import Tensor, nn
 
 import reid_attention as ra
 from reid_attention._checks import SITE_ATTR
-from reid_attention.insert import _ShapeOnly, default_sites
+from reid_attention._probe import ShapeOnly
+from reid_attention.insert import default_sites
 
 KINDS = tuple(ra.list_attentions())
 SIZES = ((256, 128), (128, 64), (224, 224))
@@ -49,7 +51,7 @@ def check_default_insertion(base: nn.Module, size, kinds=KINDS) -> None:
     meta forward and backward: output shapes unchanged, every original key kept with its shape,
     one attention per default site, gradients reaching the attention."""
     x = torch.empty(BATCH, 3, *size, device="meta")
-    with torch.no_grad(), _ShapeOnly():
+    with torch.no_grad(), ShapeOnly():
         expected = [t.shape for t in tensors(base(x))]
     keys = {k: v.shape for k, v in base.state_dict().items()}
     sites = [s.name for s in default_sites(ra.list_sites(base, size))]
@@ -59,7 +61,7 @@ def check_default_insertion(base: nn.Module, size, kinds=KINDS) -> None:
         ra.insert_attention(model, kind, input_size=size)
         attention = inserted(model)
         assert list(attention) == sites, kind
-        with _ShapeOnly():
+        with ShapeOnly():
             out = tensors(model(x))
             assert [t.shape for t in out] == expected, kind
             sum(t.sum() for t in out).backward()

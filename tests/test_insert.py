@@ -22,7 +22,7 @@ from torchvision.models.swin_transformer import SwinTransformer
 
 import reid_attention as ra
 from insertion_checks import KINDS, SIZES, check_default_insertion, check_real_step
-from reid_attention._checks import SITE_ATTR
+from reid_attention._checks import SITE_ATTR, ArgumentError
 from reid_attention.insert import NHWCAdapter, fx_leaf_modules
 
 
@@ -532,6 +532,27 @@ def test_build_errors_name_the_site_and_the_argument_to_change():
     with pytest.raises(TypeError, match=r"site 'layer1'.*unexpected keyword argument 'levels'"):
         ra.insert_attention(model, "rga_s", input_size=(64, 32), levels=2)
     assert not any(isinstance(m, (ra.RGA, ra.APNetS)) for m in model.modules())  # nothing half-inserted
+
+
+def test_build_errors_carry_the_argument_as_data():
+    """The remedy comes from the layer's structured error (its ``argument``), not from its text."""
+    model = build(tvm.resnet18)
+    with pytest.raises(ArgumentError) as info:
+        ra.insert_attention(model, "rga_s", input_size=(64, 32), channel_ratio=0)
+    assert (info.value.argument, info.value.value) == ("channel_ratio", 0)
+    assert isinstance(info.value.__cause__, ArgumentError)  # the layer's own error, kept as the cause
+
+    def plain(channels, feat_size, **kwargs):  # names a keyword in its text only: nothing to parse
+        raise ValueError("min_width is too small here")
+
+    def site_given(channels, feat_size, **kwargs):  # an argument insertion takes from the site's map
+        raise ArgumentError("feat_size", feat_size, "this map is too small")
+
+    generic = r"; the attention's arguments pass through insert_attention\(\.\.\., \*\*kwargs\)$"
+    for factory in (plain, site_given):
+        with pytest.raises(ValueError, match=generic):
+            ra.insert_attention(model, factory, input_size=(64, 32), min_width=2)
+    assert not any(isinstance(m, ra.RGA) for m in model.modules())
 
 
 def test_small_maps_build_with_the_default_ratios():

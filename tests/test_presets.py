@@ -3,6 +3,8 @@ forward/backward and weight loading on small real inputs)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -65,9 +67,28 @@ def test_apnet_resnet50_paper_configuration():
     assert "maxpool.attention.split.0.norm.running_mean" in model.state_dict()
 
     with torch.device("meta"):
-        relu = ra.presets.apnet_resnet50(stem_relu=True, level=1)
+        relu = ra.presets.apnet_resnet50(stem_relu=True, levels=1)
     assert isinstance(relu.relu, nn.ReLU)
     assert all(len(m.split) == 0 for m in attention_modules(relu, ra.APNetC).values())
+
+
+def test_apnet_level_is_the_deprecated_name_of_levels():
+    """design.md's ``level=2`` keeps working for one release, with a DeprecationWarning; ``levels``
+    (the layers' name) is the argument now, and the two cannot disagree."""
+    with torch.device("meta"):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            new = ra.presets.apnet_resnet50(levels=1)
+        assert not [w for w in seen if "deprecated" in str(w.message)]  # the new name warns about nothing
+        assert all(m.num_levels == 1 for m in attention_modules(new, ra.APNetC).values())
+        deprecated = r"apnet_resnet50\(level=\.\.\.\) is deprecated.*pass levels="
+        with pytest.warns(DeprecationWarning, match=deprecated):
+            old = ra.presets.apnet_resnet50(level=1)
+        assert all(m.num_levels == 1 for m in attention_modules(old, ra.APNetC).values())
+        with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="pass levels= through"):
+            ra.presets.apnet_resnet50(variant="s", level=2, input_size=(100, 50))
+        with pytest.raises(TypeError, match="levels=3 and level=1: pass levels only"):
+            ra.presets.apnet_resnet50(levels=3, level=1)
 
 
 def test_apnet_resnet50_spatial_variant():
@@ -149,8 +170,8 @@ def test_build_errors_name_the_preset_argument():
             ra.presets.rga_resnet50(channel_ratio=0)
         # 100x50 input: the stem's map is 25x13, and 25 rows make no two stripes
         with pytest.raises(ValueError, match=r"site 'maxpool' \(64 channels, feat_size \(25, 13\)\).*"
-                                             r"pass level= through ra.presets.apnet_resnet50"):
-            ra.presets.apnet_resnet50(variant="s", level=2, input_size=(100, 50))
+                                             r"pass levels= through ra.presets.apnet_resnet50"):
+            ra.presets.apnet_resnet50(variant="s", levels=2, input_size=(100, 50))
 
 
 def test_norm_layer_reaches_backbone_and_attention():

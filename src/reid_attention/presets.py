@@ -23,14 +23,17 @@ Official checkpoints convert with :mod:`reid_attention.convert`.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Mapping, Optional
 
 from torch import Tensor, nn
 
+from ._attach import attach
 from ._checks import SizeLike
 from ._extras import require
+from ._probe import inserted_names
+from ._resnet import set_last_stride
 from .convert import describe_keys
-from .insert import _Caller, _insert, _inserted_names, set_last_stride
 
 __all__ = ["ReIDResNet", "apnet_resnet50", "rga_resnet50"]
 
@@ -80,7 +83,7 @@ def _load(model: ReIDResNet, state_dict: Mapping) -> None:
     every backbone key is required, attention keys are optional (random init where absent)."""
     state = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
     expected = model.state_dict()
-    attention = tuple(f"{name}." for name in _inserted_names(model))
+    attention = tuple(f"{name}." for name in inserted_names(model))
     problems = {
         "unexpected keys": [k for k in state if k not in expected],
         "missing backbone keys": [
@@ -95,10 +98,11 @@ def _load(model: ReIDResNet, state_dict: Mapping) -> None:
 
 
 def _finish(
-    model: nn.Module, weights: object, attention: str, sites, input_size: SizeLike, caller: _Caller, **kwargs
+    model: nn.Module, weights: object, attention: str, sites, input_size: SizeLike, call: str, **kwargs
 ) -> ReIDResNet:
-    """Insert the attention (build errors point at ``caller``), wrap, load a state_dict."""
-    _insert(model, attention, sites, input_size, kwargs, caller)
+    """Insert the attention (build errors say to pass arguments through ``call``, the preset's
+    own call), wrap, load a state_dict."""
+    attach(model, attention, sites=sites, input_size=input_size, kwargs=kwargs, call=call)
     net = ReIDResNet(model)
     if isinstance(weights, Mapping):
         _load(net, weights)
@@ -132,24 +136,26 @@ def rga_resnet50(
     )
     if kind is None:
         raise ValueError("rga_resnet50 needs spatial=True, channel=True or both")
-    caller = _Caller("ra.presets.rga_resnet50(..., **rga_kwargs)")
+    call = "ra.presets.rga_resnet50(..., **rga_kwargs)"
     model = _resnet50(weights, rga_kwargs.get("norm_layer"))
-    return _finish(model, weights, kind, _LAYERS, input_size, caller, **rga_kwargs)
+    return _finish(model, weights, kind, _LAYERS, input_size, call, **rga_kwargs)
 
 
 def apnet_resnet50(
     *,
-    level: int = 2,
+    levels: int = 2,
     input_size: SizeLike = (384, 192),
     variant: str = "c",
     stem_relu: bool = False,
     weights: Optional[object] = None,
+    level: Optional[int] = None,
     **attention_kwargs,
 ) -> ReIDResNet:
     """ResNet-50 (last stride 1) with an attention pyramid after the stem and layer1 .. layer4.
 
     Args:
-        level: pyramid height (official: 2).
+        levels: pyramid height (official: 2), as :class:`~reid_attention.APNetC` and
+            :class:`~reid_attention.APNetS` name it.
         input_size: (H, W) of the images (official 384x192); APNet-S weights depend on it
             (:func:`reid_attention.resize_attention` moves them to another size).
         variant: ``"c"`` (:class:`~reid_attention.APNetC`, the official channel version) or ``"s"``
@@ -157,9 +163,24 @@ def apnet_resnet50(
         stem_relu: keep the stem's ReLU; the official model has none (conv1-bn1-maxpool).
         weights: None, a torchvision weights enum, or a state_dict (torchvision's or this model's,
             e.g. from :func:`reid_attention.convert.from_official_apnet`).
+        level: the deprecated name of ``levels`` (works for one more release, with a
+            ``DeprecationWarning``).
         **attention_kwargs: passed to every APNetC / APNetS (e.g. ``impl``, ``se_hidden``);
             ``norm_layer`` is used by the ResNet-50 too.
     """
+    if level is not None:
+        if levels not in (2, level):  # 2: the default, so levels was not given (or agrees)
+            raise TypeError(
+                f"apnet_resnet50 got levels={levels} and level={level}: pass levels only (level is "
+                "its deprecated name)"
+            )
+        warnings.warn(
+            "apnet_resnet50(level=...) is deprecated and will be removed in the next release: pass "
+            "levels=... (the name APNetC and APNetS use)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        levels = level
     require("torchvision", feature="ra.presets.apnet_resnet50", extra="vision")
     names = {"c": "apnet_c", "s": "apnet_s"}
     if variant not in names:
@@ -169,8 +190,8 @@ def apnet_resnet50(
     model = _resnet50(weights, attention_kwargs.get("norm_layer"))
     if not stem_relu:
         model.relu = nn.Identity()
-    caller = _Caller("ra.presets.apnet_resnet50(..., **attention_kwargs)", {"levels": "level"})
+    call = "ra.presets.apnet_resnet50(..., **attention_kwargs)"
     return _finish(
-        model, weights, names[variant], ["maxpool"] + _LAYERS, input_size, caller, levels=level,
+        model, weights, names[variant], ["maxpool"] + _LAYERS, input_size, call, levels=levels,
         **attention_kwargs
     )
