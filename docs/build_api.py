@@ -132,7 +132,11 @@ def build(output: Path) -> list[str]:
             page = output / f"{name.replace('.', '/')}.html"
             page.parent.mkdir(parents=True, exist_ok=True)
             page.write_text(pdoc.render.html_module(module, all_modules), encoding="utf-8")
-        for page, text in (("index.html", pdoc.render.html_index(all_modules)),
+        # pdoc's index redirects to the package page when all modules share one root, and that page
+        # links only the submodules in __all__: render its module list (every page) instead.
+        index = pdoc.render.env.get_template("index.html.jinja2").render(
+            all_modules=all_modules, root_module_name=None)
+        for page, text in (("index.html", index),
                            ("search.js", pdoc.render.search_index(all_modules))):
             if text:
                 (output / page).write_text(text, encoding="utf-8")
