@@ -1,4 +1,4 @@
-"""Render the committed result files (benchmarks/results/*.json) as the README's markdown tables.
+"""Render the committed result files (benchmarks/results/*.json) as the markdown tables of benchmarks/README.md.
 
     python benchmarks/readme_tables.py > /tmp/tables.md
 """

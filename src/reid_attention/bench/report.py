@@ -31,7 +31,7 @@ def _cpu_name() -> str:
 
 
 def environment(device: str = "cpu", threads: Optional[int] = None, malloc: str = "system") -> Dict[str, Any]:
-    """Where and when a measurement was taken (``malloc``: see :func:`..measure.set_malloc`)."""
+    """Where and when a measurement was taken (``malloc``: see :func:`.measure.set_malloc`)."""
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
     return {
