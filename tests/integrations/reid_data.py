@@ -38,7 +38,6 @@ import colorsys
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
 
 import numpy as np
 
@@ -46,7 +45,7 @@ NAME = re.compile(r"^(-?\d+)_c(\d+)")
 SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 
 
-def parse_name(name: str) -> Tuple[int, int]:
+def parse_name(name: str) -> tuple[int, int]:
     """(pid, 0-based camera) of a Market-1501 file name (its basename is used)."""
     match = NAME.match(Path(name).name)
     if match is None:
@@ -54,7 +53,7 @@ def parse_name(name: str) -> Tuple[int, int]:
     return int(match.group(1)), int(match.group(2)) - 1
 
 
-def read_split(directory, relabel: bool = False) -> List[Tuple[str, int, int]]:
+def read_split(directory, relabel: bool = False) -> list[tuple[str, int, int]]:
     """The images of one split folder as (path, pid, camid), sorted by file name."""
     items = [(str(p), *parse_name(p.name)) for p in sorted(Path(directory).glob("*.jpg"))]
     if relabel:
@@ -70,7 +69,7 @@ class SyntheticMarket:
     num_test_ids: int
     num_cameras: int
     images_per_camera: int
-    size: Tuple[int, int]
+    size: tuple[int, int]
 
     @property
     def dataset_dir(self) -> Path:
@@ -92,7 +91,7 @@ class SyntheticMarket:
     def gallery_dir(self) -> Path:
         return self.data_dir / SPLIT_DIRS["gallery"]
 
-    def split(self, name: str, relabel: bool = False) -> List[Tuple[str, int, int]]:
+    def split(self, name: str, relabel: bool = False) -> list[tuple[str, int, int]]:
         return read_split(self.data_dir / SPLIT_DIRS[name], relabel=relabel)
 
 
@@ -100,7 +99,7 @@ def _colour(hue: float, value: float = 0.9) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(hue % 1.0, 0.85, value)) * 255.0
 
 
-def _person(pid: int, camera: int, index: int, total_ids: int, size: Tuple[int, int],
+def _person(pid: int, camera: int, index: int, total_ids: int, size: tuple[int, int],
             rng: np.random.Generator) -> np.ndarray:
     """One (H, W, 3) uint8 picture of identity ``pid`` seen by ``camera``."""
     h, w = size
@@ -132,7 +131,7 @@ def make_market1501(
     test_ids: int = 8,
     cameras: int = 2,
     images_per_camera: int = 4,
-    size: Tuple[int, int] = (64, 32),
+    size: tuple[int, int] = (64, 32),
     seed: int = 0,
 ) -> SyntheticMarket:
     """Write the data set under ``root`` (created if needed) and describe it (module docstring)."""

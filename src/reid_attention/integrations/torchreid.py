@@ -57,7 +57,8 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 from urllib.parse import urlparse
 
 import torch
@@ -78,7 +79,7 @@ __all__ = [
 
 LOSSES = ("softmax", "triplet")
 #: The preset names and the keyword arguments of the preset function each stands for.
-PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "rga_resnet50": ("rga_resnet50", {}),
     "rga_s_resnet50": ("rga_resnet50", {"channel": False}),
     "rga_c_resnet50": ("rga_resnet50", {"spatial": False}),
@@ -106,25 +107,25 @@ def _import_torchreid(feature: str):
 # names
 
 
-def _torchvision_models(feature: str) -> List[str]:
+def _torchvision_models(feature: str) -> list[str]:
     require("torchvision", feature=feature, extra=_EXTRA)
     return list(_classification_models())
 
 
-@functools.lru_cache(maxsize=None)
-def _classification_models() -> Tuple[str, ...]:
+@functools.cache
+def _classification_models() -> tuple[str, ...]:
     import torchvision.models
 
     return tuple(torchvision.models.list_models(module=torchvision.models))
 
 
-def _kinds() -> List[str]:
+def _kinds() -> list[str]:
     from .. import list_attentions
 
     return sorted(list_attentions(), key=len, reverse=True)  # "rga_sc" is tried before "rga_s"
 
 
-def parse_name(name: str) -> Tuple[str, str]:
+def parse_name(name: str) -> tuple[str, str]:
     """``(backbone, kind)`` for a ``<backbone>_<kind>`` name (``"resnet50_rga_sc"`` ->
     ``("resnet50", "rga_sc")``), ``("preset", name)`` for a preset name; ``ValueError`` otherwise."""
     if not isinstance(name, str):
@@ -142,7 +143,7 @@ def parse_name(name: str) -> Tuple[str, str]:
     )
 
 
-def model_names() -> List[str]:
+def model_names() -> list[str]:
     """Every name :func:`register_models` registers by default: the presets, then
     ``<backbone>_<kind>`` for every torchvision classification model and attention kind."""
     backbones = _torchvision_models("reid_attention.integrations.torchreid.model_names")
@@ -227,7 +228,7 @@ def _imagenet_weights(arch: str, download: bool):
     return weights
 
 
-def _leaf_modules(model: nn.Module) -> List[type]:
+def _leaf_modules(model: nn.Module) -> list[type]:
     """Classes torch.fx must not trace into: the inserted layers (they validate their input in
     Python), and any site module that calls its attention from its own forward (DenseNet's
     ``norm5``); Sequential sites are traced as usual."""
@@ -242,13 +243,14 @@ def _leaf_modules(model: nn.Module) -> List[type]:
 
 
 def _backbone(
-    arch: str, kind: str, input_size: Tuple[int, int], pretrained: bool, download: bool,
-    last_stride: Optional[int], sites: Optional[Sequence[str]], kwargs: Dict[str, Any],
-) -> Tuple[nn.Module, int]:
+    arch: str, kind: str, input_size: tuple[int, int], pretrained: bool, download: bool,
+    last_stride: Optional[int], sites: Optional[Sequence[str]], kwargs: dict[str, Any],
+) -> tuple[nn.Module, int]:
     """torchvision ``arch`` with ``kind`` inserted, cut after its last feature map, pooled."""
-    import reid_attention as ra
     from torchvision.models import get_model
     from torchvision.models.feature_extraction import create_feature_extractor
+
+    import reid_attention as ra
 
     model = get_model(arch, weights=_imagenet_weights(arch, download) if pretrained else None)
     if last_stride is not None:
@@ -289,7 +291,7 @@ def create_model(
         sites: torchvision backbones only: where the attention goes (default: the stage ends,
             see :func:`reid_attention.insert_attention`).
         **kwargs: passed to the preset function or to :func:`reid_attention.insert_attention`
-            (e.g. ``impl``, ``memory``, ``channel_ratio``, ``level`` for the APNet presets).
+            (e.g. ``impl``, ``memory``, ``channel_ratio``, ``levels`` for the APNet presets).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES} (torchreid's engines), got {loss!r}")
@@ -319,7 +321,7 @@ def create_model(
 class _Factory:
     """A torchreid model factory for one name, with the registration's defaults."""
 
-    def __init__(self, name: str, input_size: Tuple[int, int], download: bool) -> None:
+    def __init__(self, name: str, input_size: tuple[int, int], download: bool) -> None:
         self.name, self.input_size, self.download = name, input_size, download
 
     def __call__(self, num_classes: int, loss: str = "softmax", pretrained: bool = True, use_gpu: bool = True,
@@ -334,7 +336,7 @@ class _Factory:
 
 def register_models(
     names: Optional[Sequence[str]] = None, *, input_size: SizeLike = (256, 128), download: bool = False
-) -> List[str]:
+) -> list[str]:
     """Register models in torchreid's model factory (``torchreid.models.build_model(name, ...)``)
     and return their names.
 
@@ -372,7 +374,7 @@ def register_models(
 # checkpoints
 
 
-def _numpy_scalar_globals() -> List[Any]:
+def _numpy_scalar_globals() -> list[Any]:
     """What unpickling numpy scalars needs (numpy 1 and 2): the scalar constructor, ``dtype`` and
     the dtype classes of the scalar types."""
     try:
@@ -384,7 +386,7 @@ def _numpy_scalar_globals() -> List[Any]:
     return [np.float32(0).__reduce__()[0], np.dtype] + [type(np.dtype(t)) for t in types]
 
 
-def load_checkpoint(path: "str | os.PathLike[str]", *, trusted: bool = False, map_location: Any = "cpu") -> Any:
+def load_checkpoint(path: Union[str, os.PathLike], *, trusted: bool = False, map_location: Any = "cpu") -> Any:
     """Load a torchreid checkpoint (``torchreid.utils.save_checkpoint``, or the engines'
     ``model/model.pth.tar-<epoch>``) on any torch >= 2.1, safely by default.
 
