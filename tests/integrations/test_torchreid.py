@@ -85,9 +85,9 @@ def train_and_evaluate(torchreid, market1501, tmp_path, capsys, name, loss="soft
     rank1 = checkpoint["rank1"]
     assert isinstance(float(rank1), float) and 0.0 <= rank1 <= 1.0
     assert abs(100 * float(rank1) - float(printed_rank1.group(1))) <= 0.051
+    cmc = ", ".join(f"rank-{r} {v}%" for r, v in re.findall(r"Rank-(\d+)\s*:\s*([\d.]+)%", out))
     with capsys.disabled():
-        print(f"\n[torchreid] {name} loss={loss}: 1 epoch, mAP {printed_map.group(1)}%, "
-              f"rank-1 {printed_rank1.group(1)}%")
+        print(f"\n[torchreid] {name} loss={loss}: 1 epoch; torchreid's evaluator: mAP {printed_map.group(1)}%, {cmc}")
     return model, datamanager, checkpoint
 
 
