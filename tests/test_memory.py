@@ -17,7 +17,7 @@ from torch import nn
 
 import reid_attention as ra
 from helpers import assert_same_step, randomize_bn, run_step
-from reid_attention import _embedding as embedding
+from reid_attention._relation import fused, lean as embedding
 
 SIZE_TIED = ["rga_s", "rga_c", "rga_sc", "apnet_s"]
 
@@ -134,7 +134,7 @@ def test_rga_sc_keeps_no_gated_map_for_backward(memory, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_rga_sc_gated_functions_gradcheck(channels_last):
     """The two autograd Functions behind the unstored gated map, checked numerically."""
-    from reid_attention.rga import _DoubleGate, _GatedChannelProjection
+    from reid_attention._relation import DoubleGate, GatedChannelProjection
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64)
@@ -145,11 +145,11 @@ def test_rga_sc_gated_functions_gradcheck(channels_last):
     w = torch.randn(6, 20, generator=g, dtype=torch.float64)
     for t in (x, s1, s2, w):
         t.requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b, c: _DoubleGate.apply(a, b, c, (a * b).detach()), (x, s1, s2))
+    assert torch.autograd.gradcheck(lambda a, b, c: DoubleGate.apply(a, b, c, (a * b).detach()), (x, s1, s2))
     assert torch.autograd.gradcheck(
-        lambda a, b, c: _GatedChannelProjection.apply(a, b, c, torch.float64)[0], (x, s1, w)
+        lambda a, b, c: GatedChannelProjection.apply(a, b, c, torch.float64)[0], (x, s1, w)
     )
-    proj, y1 = _GatedChannelProjection.apply(x, s1, w, torch.float64)
+    proj, y1 = GatedChannelProjection.apply(x, s1, w, torch.float64)
     assert torch.equal(y1, x * s1) and not y1.requires_grad
     expected = torch.matmul(w, (x * s1).flatten(2).transpose(1, 2)).unsqueeze(1)
     torch.testing.assert_close(proj, expected, rtol=0, atol=1e-12)
@@ -173,7 +173,7 @@ def _autograd_form(theta_phi, w_gg, w1e, weight, bias, norms):
     batch, groups, _, d_inner, n = theta_phi.shape
     for bn in norms:
         bn.num_batches_tracked += int(bn.training)
-    e = torch.matmul(embedding.factors(theta_phi, w_gg).transpose(2, 3), theta_phi.reshape(batch, groups, -1, n))
+    e = torch.matmul(fused.factors(theta_phi, w_gg).transpose(2, 3), theta_phi.reshape(batch, groups, -1, n))
     m = w_gg.shape[1]
     z = torch.cat([
         torch.nn.functional.batch_norm(

@@ -16,12 +16,15 @@ Each layer owns its norm modules (built with ``norm_layer``, torchvision's conve
   the module would: :func:`batchnorm_affine` (APNet-C's fast route: the norm as a per-channel
   affine map, computed without touching the map; APNet-C calls the module wherever the route is
   not provably the same) and the memory-lean relation embedding
-  (:mod:`reid_attention._embedding`) are built on it.
+  (:mod:`reid_attention._relation.lean`) are built on it.
 
 The fast routes are taken only when every module is exactly ``nn.BatchNorm1d/2d/3d`` (the
 type, not a subclass), without forward hooks, in one mode with one eps, momentum, affine and
 statistics setting, and ``momentum`` is not None (the cumulative average divides by the
 module's own counter; the module computes it as torch does).
+
+Like :mod:`reid_attention._relation`, this module is private core and the documented testing
+seam: tests may import its public names (no leading underscore).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ class MemorySwitch:
     embedding's statistics, factors and its product with W's first conv) for backward, and
     recomputes the norms and the W network there; the relation embedding, the largest
     activation of a training step (n/s x n per sample), is computed in batch chunks and never
-    held whole (:mod:`reid_attention._embedding`). Same gradients and statistics. Exact
+    held whole (:mod:`reid_attention._relation.lean`). Same gradients and statistics. Exact
     BatchNorms and plain ReLUs only (a module must not run twice); other norms keep the
     default path.
     """

@@ -37,7 +37,7 @@ from ._checks import ArgumentError, check_input, check_positive_int, feat_pair, 
 from ._precision import compute_dtype, no_autocast
 from ._switches import ImplSwitch, MemorySwitch
 from ._norm import NormLayer, batchnorm_affine, make_norm, norm_channels, one_kernel, run_module
-from ._relation import gate, relation_logits_fused
+from ._relation import gate, lean_applies, relation_logits_fused
 from .rga import RGA
 
 __all__ = ["APNetC", "APNetS"]
@@ -306,6 +306,7 @@ def _stripes_fused(x: Tensor, level: Sequence[RGA], lean: bool = False) -> Tenso
     b, _, h, w = x.shape
     tokens = rearrange(x, "b c (g h) w -> b g c (h w)", g=len(level))  # a view, either memory format
     branches = [agent.branch("spatial") for agent in level]
+    lean = lean and lean_applies(branches, b)
     logits = relation_logits_fused(tokens, branches, lean=lean)  # (B, G, h*W)
     return gate(x, logits, (b, 1, h, w))
 
@@ -338,7 +339,7 @@ class APNetS(ImplSwitch, MemorySwitch, nn.Module):
     * ``reference`` loops over the stripes (:func:`stripe_loop`): each agent, in its reference
       mode, gates its own stripe, and the gated stripes are concatenated along H.
     * ``fused`` runs a level's agents in one batched call: the stripes are viewed as G stacked
-      token sets (B, G, C, h*W) and :func:`reid_attention.rga.relation_logits_fused` evaluates all
+      token sets (B, G, C, h*W) and :func:`reid_attention._relation.relation_logits_fused` evaluates all
       G agents with stacked weights; the logits (B, G, h*W) are the (B, 1, H, W) gate by a view.
       Copies (measured with the profiler): level 1 (G = 1) makes none, in NCHW or channels_last.
       For G > 1 the (batch, stripe) dims of the token view cannot share one GEMM batch stride,

@@ -3,27 +3,46 @@
 Zhang, Lan, Zeng, Jin, Chen, "Relation-Aware Global Attention for Person Re-identification",
 CVPR 2020, arXiv:1904.02998. Official code: microsoft/Relation-Aware-Global-Attention-Networks.
 
-One computation, applied along two axes of a feature map. With tokens T (n tokens of d features),
-theta = CBR(T), phi = CBR(T) (d -> d'), the pairwise relation R = theta^T phi (n x n), and for
-token i the relation vector r_i = [R(i, :), R(:, i)] (2n values):
+**The equation** (stated here once for the package; other docstrings cite its step numbers).
+One agent reads tokens T, n tokens of d features; CBR = 1x1 conv without bias, norm, ReLU.
 
-    E_i = CBR(2n -> n/s)(r_i),   g_i = mean_c CBR(d -> d')(T)_{c,i},   y_i = [g_i, E_i]
-    a_i = BN(conv(k -> 1)(ReLU(BN(conv(1 + n/s -> k)(y_i)))))  with k = (1 + n/s) // down_ratio
-    out = sigmoid(a) * x
+    1. theta = CBR(d -> d')(T),  phi = CBR(d -> d')(T)
+    2. R = theta^T phi (n x n),  r_i = [R(i, :), R(:, i)]  (token i's relation vector, 2n values)
+    3. E_i = CBR(2n -> n/s)(r_i)
+    4. g_i = mean over the d' channels of CBR(d -> d')(T), at token i
+    5. a_i = BN(conv(k -> 1)(ReLU(BN(conv(1 + n/s -> k)([g_i, E_i])))))   k = (1 + n/s) // down_ratio
+    6. out = sigmoid(a) * x, broadcast along the other axis (no residual)
 
-RGA-S uses the H*W positions as tokens (gate (B, 1, H, W)), RGA-C the C channels (gate
-(B, C, 1, 1)); RGA-SC applies RGA-S, then RGA-C to its output.
+RGA-S: tokens = the H*W positions, features = the C channels, gate (B, 1, H, W). RGA-C: tokens =
+the C channels, features = the positions, gate (B, C, 1, 1). RGA-SC: RGA-S, then RGA-C on its
+output. The fused path computes steps 2-3 without R: the embedding is linear in R before its
+norm, so with its weight split into row and column halves [Wr | Wc], E_pre = (Wr phi^T) theta +
+(Wc theta^T) phi (derivation in :mod:`reid_attention._relation.fused`).
 
-Two paths compute the same function (:mod:`reid_attention._relation`, shared with APNet-S):
-``reference`` follows the official module step by step and builds R (B, n, n); ``fused`` never
-builds R (the embedding is linear in R before its norm: ``E_pre = (Wr phi^T) theta + (Wc
-theta^T) phi``), computes theta, phi and g with one GEMM and never forms [g, E].
+**Reading map.** :meth:`RGA._route` chooses each call's path; the relation core
+(:mod:`reid_attention._relation`, shared with APNet-S) computes it, one module per path:
+
+* reference: ``reference.relation_logits_reference``, steps 1-5 slot by slot, building R.
+* fused: ``fused.projections`` (steps 1 and 4 as one GEMM) and ``fused.activated_projections``
+  (their norms); ``fused.relation_embedding`` (steps 2-3 by ``fused.factors``, no R);
+  ``fused.w_network`` (step 5; ``fused.after_projections`` applies W's first conv to g and E
+  separately, so [g, E] is never formed).
+* fused-lean (``memory="lean"``): as fused, with steps 2-3 and W's first conv by
+  ``lean.LeanEmbedding`` (in batch chunks, E never held whole), and everything after the
+  projection GEMM recomputed in backward (``lean.lean_logits``).
+* RGA-SC training route (fused, gradient recorded): the spatial axis as above; the channel
+  axis's GEMM on y1 = x * s1 by ``fused.GatedChannelProjection`` and step 6 of both axes by
+  ``fused.DoubleGate``, so y1 is recomputed in backward, never kept.
+
+Step 6 is ``modules.gate`` on the other paths. The layers call the core's entry points
+(``relation_logits_reference``, ``relation_logits_fused``, ``logits_from_projections``) from
+``_relation/__init__.py``.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +55,13 @@ from ._switches import ImplSwitch, MemorySwitch
 from ._norm import NormLayer
 from ._relation import (
     AxisWidths,
+    DoubleGate,
+    GatedChannelProjection,
     RelationBranch,
     build_branch,
     gate,
     gate_values,
+    lean_applies,
     logits_from_projections,
     projection_weight,
     relation_logits_fused,
@@ -69,59 +91,11 @@ def _replace_conv_input(conv: nn.Conv2d, weight: Tensor) -> None:
     conv.in_channels = weight.shape[1]
 
 
-class _GatedChannelProjection(torch.autograd.Function):
-    """RGA-SC's channel-axis projection of y1 = x * s1 (s1 the spatial gate, (B, 1, H, W)),
-    keeping x and s1 for backward instead of y1 (a full map): y1 is recomputed there.
+class Route(NamedTuple):
+    """How one call of an :class:`RGA` runs (see the reading map above)."""
 
-    Token c is channel c of y1 (H*W features), so the projection is y1 (B, C, H*W) @ weight^T
-    -> (B, 3d', C), returned as :func:`projections` does, (B, 1, 3d', C); the GEMM runs in
-    ``dtype`` (autocast's, as on the plain path). y1 is returned too, without a gradient, for
-    :class:`_DoubleGate` to reuse.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, s1: Tensor, weight: Tensor, dtype: torch.dtype):
-        ctx.save_for_backward(x, s1, weight)
-        ctx.dtype = dtype
-        ctx.set_materialize_grads(False)  # y1 gets no gradient: no map of zeros for it
-        y1 = x * s1
-        ctx.mark_non_differentiable(y1)
-        proj = torch.matmul(y1.flatten(2).to(dtype), weight.to(dtype).t())
-        return proj.transpose(1, 2).unsqueeze(1), y1
-
-    @staticmethod
-    def backward(ctx, grad: Optional[Tensor], _):
-        if grad is None:  # the projection is unused
-            return None, None, None, None
-        x, s1, weight = ctx.saved_tensors
-        grad = grad.squeeze(1).transpose(1, 2).to(ctx.dtype)  # (B, C, 3d')
-        y1 = (x * s1).flatten(2).to(ctx.dtype)
-        grad_weight = grad.reshape(-1, grad.shape[2]).t().mm(y1.reshape(-1, y1.shape[2]))
-        del y1  # backward's transients stay at two maps
-        grad_y1 = torch.matmul(grad, weight.to(ctx.dtype)).view_as(x).to(x.dtype)
-        grad_s1 = (grad_y1 * x).sum(1, keepdim=True)
-        return grad_y1.mul_(s1), grad_s1, grad_weight.to(weight.dtype), None
-
-
-class _DoubleGate(torch.autograd.Function):
-    """RGA-SC's output y1 * s2 with y1 = x * s1 (gates (B, 1, H, W) and (B, C, 1, 1)), keeping x
-    and the two gates for backward instead of y1. Backward needs no y1: with u = grad * x,
-    grad_s2 = sum_hw u * s1 and grad_s1 = sum_c u * s2, each one batched matrix-vector product."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, s1: Tensor, s2: Tensor, y1: Tensor) -> Tensor:
-        ctx.save_for_backward(x, s1, s2)
-        return y1 * s2
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, s1, s2 = ctx.saved_tensors
-        b, c, h, w = x.shape
-        u = (grad * x).flatten(2)  # (B, C, HW)
-        grad_s2 = torch.bmm(u, s1.reshape(b, h * w, 1)).view_as(s2)
-        grad_s1 = torch.bmm(s2.reshape(b, 1, c), u).view_as(s1)
-        del u
-        return (grad * s2).mul_(s1), grad_s1, grad_s2, None
+    paths: Dict[str, str]  # axis -> "reference", "fused" or "fused-lean"
+    sc_training: bool  # RGA-SC's training route: y1 = x * s1 recomputed in backward, not kept
 
 
 class RGA(ImplSwitch, MemorySwitch, nn.Module):
@@ -251,40 +225,61 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
         resized.feat_size = new_size
         return resized
 
-    def _logits(self, tokens: Tensor, axis: str) -> Tensor:
-        """tokens (B, d, n) -> logits (B, 1, n) on the selected path."""
+    def _route(self, x: Tensor) -> Route:
+        """The path of this call on ``x``, chosen here and nowhere else.
+
+        ``impl="reference"``: every axis on the reference path. ``impl="fused"``: every axis on
+        the fused path, in its memory-lean form where ``memory="lean"`` and the form applies to
+        that axis (:func:`reid_attention._relation.lean_applies`: gradient recorded, non-empty
+        batch, exact BatchNorms and plain ReLUs); and RGA-SC takes its training route whenever
+        a gradient is recorded.
+        """
         if self._impl == "reference":
+            return Route(dict.fromkeys(self.widths, "reference"), sc_training=False)
+        paths = {
+            axis: "fused-lean" if self._lean and lean_applies([self.branch(axis)], x.shape[0]) else "fused"
+            for axis in self.widths
+        }
+        return Route(paths, sc_training=self.spatial and self.channel and torch.is_grad_enabled())
+
+    def _logits(self, tokens: Tensor, axis: str, path: str) -> Tensor:
+        """tokens (B, d, n) -> logits (B, 1, n) on ``path``."""
+        if path == "reference":
             return relation_logits_reference(tokens, self.branch(axis))
-        return relation_logits_fused(tokens.unsqueeze(1), [self.branch(axis)], lean=self._lean)
+        return relation_logits_fused(tokens.unsqueeze(1), [self.branch(axis)], lean=path == "fused-lean")
 
     def spatial_logits(self, x: Tensor) -> Tensor:
         """RGA-S logits (B, 1, H*W) of a validated input: tokens are the positions."""
-        return self._logits(rearrange(x, "b c h w -> b c (h w)"), "spatial")
+        return self._spatial_logits(x, self._route(x).paths["spatial"])
+
+    def _spatial_logits(self, x: Tensor, path: str) -> Tensor:
+        return self._logits(rearrange(x, "b c h w -> b c (h w)"), "spatial", path)
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, layer_name(self), self.channels, self.feat_size)
+        route = self._route(x)
+        if route.sc_training:
+            return self._spatial_then_channel(x, route.paths)
         b, c, h, w = x.shape
-        if self.spatial and self.channel and self._impl == "fused" and torch.is_grad_enabled():
-            return self._spatial_then_channel(x)
         if self.spatial:
-            x = gate(x, self.spatial_logits(x), (b, 1, h, w))
+            x = gate(x, self._spatial_logits(x, route.paths["spatial"]), (b, 1, h, w))
         if self.channel:
             channel_tokens = rearrange(x, "b c h w -> b (h w) c")  # tokens are the channels
-            x = gate(x, self._logits(channel_tokens, "channel"), (b, c, 1, 1))
+            x = gate(x, self._logits(channel_tokens, "channel", route.paths["channel"]), (b, c, 1, 1))
         return x
 
-    def _spatial_then_channel(self, x: Tensor) -> Tensor:
-        """RGA-SC on the fused path in training: the same function as gating twice, without
-        keeping the spatially gated map y1 = x * s1 for backward (x, already kept by the spatial
-        gate, and the two gates are kept; y1 is recomputed where backward needs it)."""
+    def _spatial_then_channel(self, x: Tensor, paths: Dict[str, str]) -> Tensor:
+        """RGA-SC's training route: the same function as gating twice, without keeping the
+        spatially gated map y1 = x * s1 for backward (x, already kept by the spatial gate, and
+        the two gates are kept; y1 is recomputed where backward needs it)."""
         b, c, h, w = x.shape
-        s1 = gate_values(self.spatial_logits(x), (b, 1, h, w), x.dtype)
+        s1 = gate_values(self._spatial_logits(x, paths["spatial"]), (b, 1, h, w), x.dtype)
         branch = self.branch("channel")
-        dtype = autocast_dtype(x)
+        gemm_dtype = autocast_dtype(x)  # read before autocast is turned off
         with no_autocast(x):
-            proj, y1 = _GatedChannelProjection.apply(x, s1, projection_weight([branch])[0], dtype)
-        s2 = gate_values(logits_from_projections(proj, [branch], lean=self._lean), (b, c, 1, 1), x.dtype)
-        return _DoubleGate.apply(x, s1, s2, y1)
+            proj, y1 = GatedChannelProjection.apply(x, s1, projection_weight([branch])[0], gemm_dtype)
+        logits = logits_from_projections(proj, [branch], lean=paths["channel"] == "fused-lean")
+        return DoubleGate.apply(x, s1, gate_values(logits, (b, c, 1, 1), x.dtype), y1)
 
     def extra_repr(self) -> str:
         kind = {(True, True): "sc", (True, False): "s", (False, True): "c"}[(self.spatial, self.channel)]

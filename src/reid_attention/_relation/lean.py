@@ -1,8 +1,13 @@
-"""The fused relation embedding's factors, and its memory-lean form as one autograd Function.
+"""The fused path's memory-lean form (the layers' ``memory="lean"``).
 
-For a stack of G agents (see :mod:`reid_attention._relation`) with theta_phi = [theta; phi]
-(2d' x n per sample) and the embedding weight split into its row and column halves [Wr | Wc],
-the factors a = [Ar^T; Ac^T] = [phi Wr^T; theta Wc^T] (2d' x n/s, :func:`factors`) give
+:func:`lean_logits` is :func:`reid_attention._relation.fused.after_projections` under
+``torch.utils.checkpoint``, keeping for backward only its input (the projection GEMM's output,
+3d' x n per sample) and the logits, with :class:`LeanEmbedding` as its embedding step; the
+recomputation in backward reuses the first run's small results and updates no running
+statistics. :func:`lean_applies` says when the form may run (the layers' route asks it).
+
+For a stack of G agents with theta_phi = [theta; phi] (2d' x n per sample) and the factors
+a = [Ar^T; Ac^T] of :func:`reid_attention._relation.fused.factors` (2d' x n/s),
 
     E = a^T theta_phi (n/s x n),   Z = ReLU(BN(E)),   H = W1_E Z (k x n),
 
@@ -39,30 +44,14 @@ from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from ._norm import batch_statistics
+from .._norm import affine_parameters, batch_statistics, is_plain, one_kernel
+from .._precision import compute_dtype, no_autocast
+from .fused import after_projections, factors, folded_rows, projection_parts, stacked_weights, weight_halves
+from .modules import RelationBranch
 
 CHUNK_ELEMENTS = 1 << 20  # values of E per chunk (4 MiB in float32)
-
-
-def _rows(theta_phi: Tensor) -> Tensor:
-    """(B, G, 2, d', n) -> (2G, B*d', n): per agent phi then theta, the batch folded into rows."""
-    batch, groups, _, d_inner, n = theta_phi.shape
-    return theta_phi.permute(1, 2, 0, 3, 4)[:, [1, 0]].reshape(groups * 2, batch * d_inner, n)
-
-
-def _halves(w_gg: Tensor) -> Tensor:
-    """Embedding weights (G, n/s, 2n) -> their halves [Wr^T, Wc^T] per agent, (2G, n, n/s)."""
-    groups, n_inner, width = w_gg.shape
-    return w_gg.view(groups, n_inner, 2, width // 2).permute(0, 2, 3, 1).reshape(groups * 2, width // 2, n_inner)
-
-
-def factors(theta_phi: Tensor, w_gg: Tensor) -> Tensor:
-    """a = [Ar^T; Ac^T] (B, G, 2d', n/s): one GEMM per (agent, half) with the batch folded
-    into the rows, so the weights are never expanded over the batch."""
-    batch, groups, _, d_inner, _ = theta_phi.shape
-    a = torch.bmm(_rows(theta_phi), _halves(w_gg)).view(groups, 2, batch, d_inner, w_gg.shape[1])
-    return a.permute(2, 0, 1, 3, 4).reshape(batch, groups, 2 * d_inner, w_gg.shape[1])
 
 
 def _chunks(batch: int, per_sample: int) -> List[slice]:
@@ -122,15 +111,17 @@ def _first_run(theta_phi: Tensor, w_gg: Tensor, w1e: Tensor, weight, bias, norms
         mu, sigma2 = batch_statistics(norms, means.flatten(1), var.flatten(1), n)
     else:
         mu, sigma2 = (s.to(tp.dtype) for s in batch_statistics(norms, None, None, n))
-    _, scale, shift = _affine(mu, sigma2, weight, bias, norms[0].eps, (groups, n_inner, 1))
+    _, scale, shift = _norm_coefficients(mu, sigma2, weight, bias, norms[0].eps, (groups, n_inner, 1))
     a_scaled, sample_shift = _scaled(a, means, scale, shift)
     out = tp.new_empty(batch, groups, w1e.shape[1], n)
     for rows in chunks:
-        out[rows] = torch.matmul(w1e, _activated(a_scaled[rows], sample_shift[rows], _centred(tp, tp_mean, rows)))
+        z = _activated(a_scaled[rows], sample_shift[rows], _centred(tp, tp_mean, rows))
+        out[rows] = torch.matmul(w1e, z)
     return a, tp_mean, cov_a, mu, sigma2, out
 
 
-def _affine(mu: Tensor, sigma2: Tensor, weight, bias, eps: float, shape) -> Tuple[Tensor, Tensor, Tensor]:
+def _norm_coefficients(mu: Tensor, sigma2: Tensor, weight, bias, eps: float, shape
+                       ) -> Tuple[Tensor, Tensor, Tensor]:
     """1 / sigma, and BN(y) = y * scale + shift, each as ``shape`` (copies, not views: they are
     saved for backward, where torch.compile refuses views)."""
     invstd = torch.rsqrt(sigma2 + eps)
@@ -140,7 +131,8 @@ def _affine(mu: Tensor, sigma2: Tensor, weight, bias, eps: float, shape) -> Tupl
 
 
 class LeanEmbedding(torch.autograd.Function):
-    """H = W1_E ReLU(BN(a^T theta_phi)) with a = :func:`factors` (see the module docstring).
+    """H = W1_E ReLU(BN(a^T theta_phi)) with a = :func:`~reid_attention._relation.fused.factors`
+    (see the module docstring).
 
     Inputs: theta_phi (B, G, 2, d', n), w_gg (G, n/s, 2n), w1e (G, k, n/s), the norms'
     concatenated weight and bias (G*n/s,) or None, the norm modules (one per agent), and
@@ -165,8 +157,9 @@ class LeanEmbedding(torch.autograd.Function):
             # copies: the stash outlives this call, and torch.compile refuses aliases of it
             stash.extend(None if t is None else t.clone() for t in (a, tp_mean, cov_a, mu, sigma2, out))
         shape = (w_gg.shape[0], w_gg.shape[1], 1)
-        invstd, scale, shift = _affine(mu, sigma2, weight, bias, first.eps, shape)
-        ctx.save_for_backward(theta_phi, a, tp_mean, cov_a, w_gg, w1e, mu.reshape(shape).clone(), invstd, scale, shift)
+        invstd, scale, shift = _norm_coefficients(mu, sigma2, weight, bias, first.eps, shape)
+        mu = mu.reshape(shape).clone()
+        ctx.save_for_backward(theta_phi, a, tp_mean, cov_a, w_gg, w1e, mu, invstd, scale, shift)
         return out
 
     @staticmethod
@@ -213,14 +206,62 @@ class LeanEmbedding(torch.autograd.Function):
         # the path through a = factors(theta_phi, w_gg)
         grad_a = grad_a.view(batch, groups, 2, d_inner, n_inner).permute(1, 2, 0, 3, 4)
         grad_a = grad_a.reshape(groups * 2, batch * d_inner, n_inner)
-        grad_rows = torch.bmm(grad_a, _halves(w_gg).transpose(1, 2)).view(groups, 2, batch, d_inner, n)
+        grad_rows = torch.bmm(grad_a, weight_halves(w_gg).transpose(1, 2)).view(groups, 2, batch, d_inner, n)
         grad_theta_phi = grad_tp.view_as(theta_phi)
         for source, target in ((0, 1), (1, 0)):  # the rows hold phi, then theta
             grad_theta_phi[:, :, target].add_(grad_rows[:, source].transpose(0, 1))
         del grad_rows
-        grad_w_gg = torch.bmm(_rows(theta_phi).transpose(1, 2), grad_a)
+        grad_w_gg = torch.bmm(folded_rows(theta_phi).transpose(1, 2), grad_a)
         grad_w_gg = grad_w_gg.view(groups, 2, n, n_inner).permute(0, 3, 1, 2).reshape_as(w_gg)
         has_weight, has_bias = ctx.affine
         grad_weight = (invstd.view(groups, n_inner) * sum_gx).flatten() if has_weight else None
         grad_bias = total_g.flatten() if has_bias else None
         return grad_theta_phi, grad_w_gg, grad_w1e, grad_weight, grad_bias, None, None
+
+
+def lean_embedding(theta_phi: Tensor, branches: Sequence[RelationBranch], w1e: Tensor, stash: list) -> Tensor:
+    """W1_E E (B, G, k, n) by :class:`LeanEmbedding`: the embedding step of
+    :func:`~reid_attention._relation.fused.after_projections` on the lean form."""
+    norms = [b.gg[1] for b in branches]
+    w_gg = stacked_weights([b.gg[0] for b in branches], theta_phi.dtype)
+    return LeanEmbedding.apply(theta_phi, w_gg, w1e, *affine_parameters(norms, theta_phi.dtype), norms, stash)
+
+
+def recomputable(branches: Sequence[RelationBranch]) -> bool:
+    """Whether everything after the projection GEMM may be recomputed: each norm group (as the
+    fused path's steps pass them) takes the one-kernel route, and every activation is a plain
+    ReLU (a module called again would run twice: hooks, SyncBatchNorm's communication)."""
+    parts = projection_parts(branches)
+    groups = ([p.norm for p in parts], [b.gg[1] for b in branches], [b.W[1] for b in branches],
+              [b.W[4] for b in branches])
+    acts = [p.act for p in parts] + [a for b in branches for a in (b.gg[2], b.W[2])]
+    return all(one_kernel(group) for group in groups) and all(is_plain(a, nn.ReLU) for a in acts)
+
+
+def lean_applies(branches: Sequence[RelationBranch], batch: int) -> bool:
+    """Whether the lean form may run for ``batch`` samples: a gradient is recorded (else there
+    is nothing to keep), the batch is not empty, and :func:`recomputable` holds."""
+    return torch.is_grad_enabled() and batch > 0 and recomputable(branches)
+
+
+def lean_logits(proj: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
+    """:func:`~reid_attention._relation.fused.fused_logits` keeping only its input, the
+    projection (B, G, 3d', n) before its norms, and the logits: every other activation is
+    recomputed in backward. Needs :func:`lean_applies`.
+
+    The first run fills ``stash`` (see :class:`LeanEmbedding`); the recomputation reuses the
+    embedding's statistics and updates no running statistics, so BatchNorm statistics are
+    counted once, and it normalises with the same batch statistics (the same input gives the
+    same values).
+    """
+    with no_autocast(proj):
+        dtype = compute_dtype(proj)
+        stash: list = []
+
+        def embedding_step(theta_phi: Tensor, branches: Sequence[RelationBranch], w1e: Tensor) -> Tensor:
+            return lean_embedding(theta_phi, branches, w1e, stash)
+
+        def run(p: Tensor) -> Tensor:  # a recomputation once the stash holds the first run's results
+            return after_projections(p, branches, dtype, embedding_step, update_statistics=not stash)
+
+        return checkpoint(run, proj, use_reentrant=False, preserve_rng_state=False)
