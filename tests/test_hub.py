@@ -187,8 +187,11 @@ def test_loading_is_strict_and_config_is_json(hub, offline):
         hub.ReIDModel(preset="rga_resnet50", norm_layer=torch.nn.BatchNorm2d)
     with pytest.raises(ValueError, match="saves its own config"):
         model.save_pretrained(offline / "other", config={"preset": "apnet_resnet50"})
-    with pytest.raises(Exception, match="local cache"):  # HF_HUB_OFFLINE=1: a Hub id must be cached
+    with pytest.raises(Exception, match="cache"):  # HF_HUB_OFFLINE=1: a Hub id must be in the cache
         hub.ReIDModel.from_pretrained("someone/rga-market")
+    config.unlink()
+    with pytest.raises(ValueError, match="has no config.json"):
+        hub.ReIDModel.from_pretrained(offline / "saved")
 
 
 def test_weights_initialise_but_are_not_saved(hub, offline):

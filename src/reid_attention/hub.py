@@ -132,11 +132,14 @@ class ReIDModel(nn.Module, PyTorchModelHubMixin, **_card_info()):
     def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True,
                          **kwargs: Any) -> "ReIDModel":
         download = {k: kwargs.pop(k) for k in _DOWNLOAD_ARGS if k in kwargs}
-        model = cls(**kwargs)  # config=... (and its entries, on newer huggingface_hub)
         if os.path.isdir(model_id):
             path = os.path.join(model_id, WEIGHTS_NAME)
         else:
             path = hf_hub_download(repo_id=model_id, filename=WEIGHTS_NAME,
                                    **{k: v for k, v in download.items() if v is not None})
+        if "config" not in kwargs and "preset" not in kwargs:
+            raise ValueError(f"{model_id} has no config.json: save with ReIDModel.save_pretrained, or pass "
+                             "the preset's arguments to from_pretrained (preset=..., input_size=...)")
+        model = cls(**kwargs)  # config=... (and its entries, on newer huggingface_hub)
         model.load_state_dict(load_file(path, device=str(map_location)), strict=strict)
         return model.eval()

@@ -160,8 +160,9 @@ class TimmReIDResNet(nn.Module):
         if num_classes and self.global_pool.is_identity():
             raise ValueError("a classifier (num_classes > 0) needs a global_pool, got global_pool=''")
         self.num_classes = num_classes
-        device = next(self.parameters()).device
-        self.fc = nn.Linear(self.num_features, num_classes, device=device) if num_classes else nn.Identity()
+        like = next(self.parameters())
+        self.fc = (nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
+                   if num_classes else nn.Identity())
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, 3, H, W) at ``img_size`` -> the layer4 map (B, 2048, H/16, W/16)."""
