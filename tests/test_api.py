@@ -10,7 +10,7 @@ PUBLIC = {
     "convert", "presets",
     "create_attention", "list_attentions", "register_attention",
     "insert_attention", "list_sites", "resize_attention", "set_last_stride",
-    "fold_batchnorm_scales",
+    "fold_batchnorm_scales", "recalibrate_norms",
 }
 
 

@@ -12,6 +12,7 @@ from .pfsa import ParameterFreeSpatialAttention
 from .pyramid import APNetC, APNetS
 from .rga import RGA
 from .insert import insert_attention, list_sites, resize_attention, set_last_stride
+from .recalibrate import recalibrate_norms
 from . import convert, presets
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "list_attentions",
     "list_sites",
     "presets",
+    "recalibrate_norms",
     "register_attention",
     "resize_attention",
     "set_last_stride",
