@@ -206,7 +206,9 @@ def test_insertion_mechanisms_and_names():
     resnet = build(tvm.resnet18)
     ra.insert_attention(resnet, "pfsa", sites=["maxpool", "layer1"], input_size=(64, 32))
     assert isinstance(resnet.layer1.attention, ra.ParameterFreeSpatialAttention)  # appended
-    assert isinstance(resnet.layer1[0], nn.Module) and len(resnet.layer1) == 3  # indices unchanged
+    # indices unchanged: the sequence shows the original blocks only (Grad-CAM's layer1[-1] is a block)
+    assert len(resnet.layer1) == 2 and isinstance(resnet.layer1[-1], tvm.resnet.BasicBlock)
+    assert [n for n, _ in resnet.layer1.named_children()] == ["0", "1", "attention"]  # a real child
     assert type(resnet.maxpool).__name__ == "MaxPool2dWithAttention"  # class swapped
     assert isinstance(resnet.maxpool, nn.MaxPool2d) and isinstance(resnet.maxpool, ra.insert.AttentionSite)
 
