@@ -211,7 +211,9 @@ def norm_layer(name: str) -> Optional[Callable[[int], nn.Module]]:
         from torchvision.ops import FrozenBatchNorm2d
 
         return FrozenBatchNorm2d
-    raise ValueError(f"MODEL.BACKBONE.NORM is {name!r}: the attention backbones take one of {', '.join(NORMS)}")
+    raise ValueError(
+        f"MODEL.BACKBONE.NORM is {name!r}: the attention backbones take one of {', '.join(NORMS)}"
+    )
 
 
 def _depth(value: Any) -> int:
@@ -249,18 +251,16 @@ def add_attention_config(cfg: Any) -> Any:
 
     Calling it again keeps the keys already there.
     """
-    from yacs.config import CfgNode
-
     backbone = cfg.MODEL.BACKBONE
     if "ATTENTION" in backbone:
         return cfg
     frozen = cfg.is_frozen()
     cfg.defrost()
-    node = CfgNode()
+    node = type(cfg)()  # fast-reid's CfgNode: merging refuses another class
     node.KIND = ""
     node.ARCH = ""
     node.SITES = []
-    node.KWARGS = CfgNode(new_allowed=True)
+    node.KWARGS = type(cfg)(new_allowed=True)
     backbone.ATTENTION = node
     if frozen:
         cfg.freeze()
@@ -299,7 +299,9 @@ def _state_dict(path: str) -> dict[str, Tensor]:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ValueError(f"MODEL.BACKBONE.PRETRAIN_PATH {path!r} holds a {type(state).__name__}, not a state_dict")
+        raise TypeError(
+            f"MODEL.BACKBONE.PRETRAIN_PATH {path!r} holds a {type(state).__name__}, not a state_dict"
+        )
     return state
 
 
@@ -311,10 +313,11 @@ def _imagenet_file(arch: str) -> str:
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"MODEL.BACKBONE.PRETRAIN with an empty PRETRAIN_PATH reads torchvision's ImageNet weights of {arch} "
-            f"from the torch hub cache, not found at {path}: fetch them once with "
+            "MODEL.BACKBONE.PRETRAIN with an empty PRETRAIN_PATH reads torchvision's ImageNet weights of "
+            f"{arch} from the torch hub cache, not found at {path}: fetch them once with "
             f"torchvision.models.get_model({arch!r}, weights='IMAGENET1K_V1'), or set "
-            "MODEL.BACKBONE.PRETRAIN_PATH to a local torchvision state_dict, or MODEL.BACKBONE.PRETRAIN: False"
+            "MODEL.BACKBONE.PRETRAIN_PATH to a local torchvision state_dict, or "
+            "MODEL.BACKBONE.PRETRAIN: False"
         )
     return path
 
@@ -325,8 +328,8 @@ def _pretrained(cfg: Any, arch: str, norm: str) -> Optional[dict[str, Tensor]]:
         return None
     if norm == "GN":
         raise ValueError(
-            "MODEL.BACKBONE.PRETRAIN with NORM 'GN': the ImageNet ResNet's weights are a BatchNorm network's; "
-            "train from scratch (PRETRAIN: False) or use NORM 'BN', 'syncBN' or 'FrozenBN'"
+            "MODEL.BACKBONE.PRETRAIN with NORM 'GN': the ImageNet ResNet's weights are a BatchNorm "
+            "network's; train from scratch (PRETRAIN: False) or use NORM 'BN', 'syncBN' or 'FrozenBN'"
         )
     state = _state_dict(backbone.PRETRAIN_PATH or _imagenet_file(arch))
     _log.info("Loading the %s weights from %s", arch, backbone.PRETRAIN_PATH or "the torch hub cache")
@@ -338,9 +341,9 @@ def _freeze_norms(trunk: nn.Module) -> None:
     torchvision FrozenBatchNorm2d modules holding their statistics and affine parameters."""
     from torchvision.ops import FrozenBatchNorm2d
 
-    import reid_attention as ra
+    from ..insert import fx_leaf_modules
 
-    attention = tuple(ra.fx_leaf_modules(trunk))
+    attention = tuple(fx_leaf_modules(trunk))  # the inserted attention's classes
     skip = {id(m) for a in trunk.modules() if isinstance(a, attention) for m in a.modules()}
     for parent in list(trunk.modules()):
         if id(parent) in skip:
@@ -371,8 +374,8 @@ def _check_common(cfg: Any, name: str) -> str:
 def _check_feat_dim(cfg: Any, channels: int, what: str) -> None:
     if cfg.MODEL.BACKBONE.FEAT_DIM != channels:
         raise ValueError(
-            f"MODEL.BACKBONE.FEAT_DIM is {cfg.MODEL.BACKBONE.FEAT_DIM}, but {what} ends in {channels} channels: "
-            f"set MODEL.BACKBONE.FEAT_DIM: {channels} (fast-reid's heads are built from it)"
+            f"MODEL.BACKBONE.FEAT_DIM is {cfg.MODEL.BACKBONE.FEAT_DIM}, but {what} ends in {channels} "
+            f"channels: set MODEL.BACKBONE.FEAT_DIM: {channels} (fast-reid's heads are built from it)"
         )
 
 
@@ -386,12 +389,12 @@ def _build_preset(cfg: Any, name: str) -> AttentionBackbone:
         raise ValueError(f"MODEL.BACKBONE.DEPTH is {backbone.DEPTH!r}: {name} is a ResNet-50 (DEPTH: 50x); "
                          f"build_attention_backbone takes other depths")
     if backbone.LAST_STRIDE != 1:
-        raise ValueError(f"MODEL.BACKBONE.LAST_STRIDE is {backbone.LAST_STRIDE}: {name} is the paper's network, "
-                         "last stride 1; build_attention_backbone takes LAST_STRIDE: 2")
+        raise ValueError(f"MODEL.BACKBONE.LAST_STRIDE is {backbone.LAST_STRIDE}: {name} is the paper's "
+                         "network, last stride 1; build_attention_backbone takes LAST_STRIDE: 2")
     node = _attention_node(cfg)
     if node is not None and (node.KIND or node.ARCH or list(node.SITES)):
-        raise ValueError(f"MODEL.BACKBONE.ATTENTION.KIND / ARCH / SITES are for build_attention_backbone; the "
-                         f"preset {name} fixes all three (set them to '' / '' / [])")
+        raise ValueError("MODEL.BACKBONE.ATTENTION.KIND / ARCH / SITES are for build_attention_backbone; "
+                         f"the preset {name} fixes all three (set them to '' / '' / [])")
     function, fixed = PRESETS[name]
     kwargs = {**_kwargs(cfg), **fixed}
     layer = norm_layer(norm)
@@ -416,8 +419,8 @@ def _build_generic(cfg: Any) -> AttentionBackbone:
     if node is None or not node.KIND:
         raise ValueError(
             f"{_GENERIC} reads the attention kind from MODEL.BACKBONE.ATTENTION.KIND: call "
-            "reid_attention.integrations.fastreid.add_attention_config(cfg) before merging the config, and set "
-            f"KIND to one of {', '.join(sorted(ra.list_attentions()))}"
+            "reid_attention.integrations.fastreid.add_attention_config(cfg) before merging the config, and "
+            f"set KIND to one of {', '.join(sorted(ra.list_attentions()))}"
         )
     kind = node.KIND
     if kind not in ra.list_attentions():
@@ -430,7 +433,8 @@ def _build_generic(cfg: Any) -> AttentionBackbone:
                          f"{', '.join(_RESNETS)}")
     size = input_size(cfg)
     layer = norm_layer(norm)
-    model = get_model(arch, weights=None, **({} if layer is None or norm == "FrozenBN" else {"norm_layer": layer}))
+    custom = layer is not None and norm != "FrozenBN"  # FrozenBN: BatchNorm2d, frozen once built
+    model = get_model(arch, weights=None, **({"norm_layer": layer} if custom else {}))
     assert isinstance(model, ResNet)
     weights = _pretrained(cfg, arch, norm)
     if weights is not None:
@@ -438,7 +442,7 @@ def _build_generic(cfg: Any) -> AttentionBackbone:
     ra.set_last_stride(model, cfg.MODEL.BACKBONE.LAST_STRIDE)
     sites = list(node.SITES) or None
     kwargs = _kwargs(cfg)
-    if layer is not None and norm != "FrozenBN":
+    if custom:
         kwargs.setdefault("norm_layer", layer)
     ra.insert_attention(model, kind, sites=sites, input_size=size, **kwargs)
     channels = model.fc.in_features
@@ -619,7 +623,8 @@ def build_cython_evaluator(directory: Optional[str] = None) -> bool:
     ``compile_helper`` runs ``make``, i.e. ``python3 setup.py build_ext`` with whatever
     ``python3`` is first on PATH, and ends the process (``sys.exit(1)``) when that fails."""
     if directory is None:
-        directory = os.path.dirname(_import("fastreid.evaluation.rank_cylib", "build_cython_evaluator").__file__)
+        cylib = _import("fastreid.evaluation.rank_cylib", "build_cython_evaluator")
+        directory = os.path.dirname(cylib.__file__)
     if importlib.util.find_spec("Cython") is None:
         warnings.warn("fast-reid's Cython evaluation is not compiled and Cython is not installed: fast-reid "
                       'evaluates in Python (same results, slower); pip install "reid-attention[fastreid]"',
@@ -641,7 +646,8 @@ def _compile_helper() -> None:
     if _settings["compile_evaluator"]:
         build_cython_evaluator()
     else:
-        _log.info("fast-reid's Cython evaluation is not compiled (compile_evaluator=False): Python evaluation")
+        _log.info("fast-reid's Cython evaluation is not compiled (compile_evaluator=False): "
+                  "fast-reid evaluates in Python")
 
 
 def _replace_compile_helper() -> Callable[[], None]:
