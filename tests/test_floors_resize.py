@@ -9,7 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reid_attention as ra
-from helpers import assert_same_step, randomize_bn, run_step, twins
+from helpers import (
+    MIN_GATE_SPREAD,
+    assert_same_step,
+    calibrate_bn,
+    gate_spread,
+    randomize_bn,
+    run_step,
+    twins,
+)
 
 RGA_KINDS = {"rga_s": (True, False), "rga_c": (False, True), "rga_sc": (True, True)}
 PAPER_SITES = [(256, (64, 32)), (512, (32, 16)), (1024, (16, 8)), (2048, (16, 8))]
@@ -106,13 +114,15 @@ def test_nearest_integer_resize_is_exact(kind, factor, height, width, channels, 
 
 
 def test_resize_eval_logits_vary_so_the_exactness_is_not_hollow():
-    """With default init and data-calibrated statistics the gates are not constant."""
+    """With default init and data-calibrated statistics the gates are not constant (seeded: over
+    seeds 0-299 the log-gate spread is >= 0.046, above MIN_GATE_SPREAD; a single momentum-0.1
+    training pass, as before, left the running statistics mostly at their init and the gate
+    nearly constant for half the seeds)."""
+    torch.manual_seed(0)
     m = ra.RGA(16, (4, 4), spatial=True, channel=False).double()
-    x = torch.rand(4, 16, 4, 4, dtype=torch.float64)
-    m.train()(x)  # running statistics from data
-    m.eval()
-    gate = m(x) / x
-    assert gate.std() > 1e-3
+    x = torch.rand(4, 16, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.05
+    calibrate_bn(m, x).eval()
+    assert gate_spread(m, x)[0] >= MIN_GATE_SPREAD
 
 
 @pytest.mark.parametrize("kind", [*RGA_KINDS, "apnet_s"])
