@@ -122,8 +122,9 @@ class AttentionSequential(_Swapped):
     The *sequence* protocol sees the original children only, as in the plain model: ``len``,
     iteration, ``in``, ``container[i]`` (so ``layer4[-1]`` is the last block, the Grad-CAM
     target, whose output is the map *before* the attention), assignment, deletion,
-    ``append`` / ``insert`` / ``extend`` / ``pop`` and ``+`` / ``*``. Edits keep each sibling
-    attention after its child and the container's own attention last. A slice
+    ``append`` / ``insert`` / ``extend`` / ``pop`` / ``+=`` / ``*=`` (edits keep each sibling
+    attention after its child and the container's own attention last), and ``+`` / ``*``
+    (plain containers of the original children, as nn.Sequential builds them). A slice
     ``container[a:b]`` holds the original children it selects and, after each, the sibling
     attention of that child (a stretch of the model computes what it computes in the model);
     the container's own ``attention`` runs on the whole container's output and is in no slice.
