@@ -1,23 +1,28 @@
 """fast-reid end to end: our backbones in its BACKBONE_REGISTRY, trained by its ``DefaultTrainer``
 (one epoch: 4 iterations of 16 images) on the synthetic Market-1501 (reid_data.py, read by
-fast-reid's own ``Market1501``) and evaluated by its ``ReidEvaluator``; the mapping of fast-reid's
-config keys (size, norm, last stride, depth, feature dim, local-only pretrained weights); the
-patches for torch 2; the missing extra. Skipped where fastreid is not installed (``make
-test-integrations`` installs it: the extra, then ``pip install --no-deps fastreid==1.4.0``).
+fast-reid's own ``Market1501``) and evaluated by its ``ReidEvaluator``: a preset in this process,
+the generic builder through docs/integrations.md's ``train_net.py`` and config, as printed, in a
+fresh one; the mapping of fast-reid's config keys (size, norm, last stride, depth, feature dim,
+local-only pretrained weights); the patches for torch 2; the missing extra. Skipped where fastreid
+is not installed (``make test-integrations`` installs it: the extra, then ``pip install --no-deps
+fastreid==1.4.0``).
 
 Images are 64x32, CPU only, ``patch_for_torch2(compile_evaluator=False)``: fast-reid evaluates in
 Python unless its Cython module is already built (same numbers; one slow test builds a copy). A
-training test takes ~15-30 s of 2 CPU cores (ResNet-50 preset), ~6 s (ResNet-18).
+training test takes ~15-30 s of 2 CPU cores (ResNet-50 preset), ~10 s (ResNet-18).
 """
-
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
+import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +32,7 @@ import reid_attention as ra
 from reid_attention.integrations import fastreid as rf
 
 SIZE = [64, 32]
+DOC = Path(__file__).resolve().parents[2] / "docs" / "integrations.md"
 METRICS = ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP")
 
 
@@ -118,35 +124,66 @@ def test_default_trainer_trains_and_evaluates_a_preset(fastreid, market1501, tmp
         assert model.backbone(images).shape == (4, 2048, 4, 2)  # the layer4 map, last stride 1
 
 
-@pytest.mark.slow
-def test_default_trainer_trains_the_generic_backbone_from_a_yaml_file(fastreid, market1501, tmp_path,
-                                                                        monkeypatch, capsys):
-    from fastreid.config import get_cfg
+def doc_blocks(lang):
+    """The ``lang`` code blocks of the "## fast-reid" section of docs/integrations.md."""
+    text = DOC.read_text(encoding="utf-8")
+    section = text[text.index("\n## fast-reid\n"):]
+    following = section.find("\n## ", 1)
+    section = section if following < 0 else section[:following]
+    return re.findall(rf"^```{lang}\n(.*?)^```$", section, flags=re.DOTALL | re.MULTILINE)
 
-    (tmp_path / "rga_s.yml").write_text(
-        "MODEL:\n"
-        "  DEVICE: cpu\n"
-        "  BACKBONE:\n"
-        "    NAME: build_attention_backbone\n"
-        "    DEPTH: 18x\n"
-        "    FEAT_DIM: 512\n"
-        "    ATTENTION:\n"
-        "      KIND: rga_s\n"
-        "      KWARGS:\n"
-        "        spatial_ratio: 4\n"
-        "INPUT:\n"
-        f"  SIZE_TRAIN: {SIZE}\n"
-        f"  SIZE_TEST: {SIZE}\n"
-    )
+
+def test_the_documented_preset_config_builds(fastreid, tmp_path):
+    from fastreid.config import get_cfg
+    from fastreid.modeling import build_model
+
+    preset, generic = doc_blocks("yaml")
+    (tmp_path / "rga_market.yml").write_text(preset)
     cfg = rf.add_attention_config(get_cfg())
-    cfg.merge_from_file(str(tmp_path / "rga_s.yml"))
-    trainer, results = train_and_evaluate(training_config(cfg, market1501, tmp_path), market1501, monkeypatch)
-    report(capsys, "build_attention_backbone (resnet18, rga_s)", results)
-    backbone = trainer.model.backbone
-    layers = [m for m in backbone.modules() if isinstance(m, ra.RGA)]
-    assert len(layers) == 3  # layer1, layer2, layer4 (last stride 1: layer3 is no stage end)
-    for layer in layers:  # KWARGS reached every layer
-        assert layer.widths == ra.RGA(layer.channels, layer.feat_size, channel=False, spatial_ratio=4).widths
+    cfg.merge_from_file(str(tmp_path / "rga_market.yml"))
+    assert cfg.MODEL.BACKBONE.NAME == "build_rga_resnet50_backbone" and rf.input_size(cfg) == (256, 128)
+    cfg.merge_from_list(["MODEL.BACKBONE.PRETRAIN", False, "MODEL.DEVICE", "cpu",
+                         "MODEL.HEADS.NUM_CLASSES", 751])
+    model = build_model(cfg).eval()
+    assert model.backbone.layer4.attention.feat_size == (16, 8)
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 256, 128) * 255).shape == (1, 2048)
+    (tmp_path / "generic.yml").write_text(generic)
+    cfg = rf.add_attention_config(get_cfg())
+    cfg.merge_from_file(str(tmp_path / "generic.yml"))
+    attention = cfg.MODEL.BACKBONE.ATTENTION
+    assert (attention.KIND, dict(attention.KWARGS)) == ("rga_s", {"spatial_ratio": 4})
+
+
+@pytest.mark.slow
+def test_the_documented_script_trains_the_generic_backbone(fastreid, market1501, tmp_path, capsys):
+    """docs/integrations.md's train_net.py and generic config, as printed, in a fresh interpreter;
+    command-line keys make it small (ResNet-18, 64x32, one epoch on the CPU)."""
+    (script,) = doc_blocks("python")
+    (tmp_path / "train_net.py").write_text(script)
+    (tmp_path / "generic.yml").write_text(doc_blocks("yaml")[1])
+    output = tmp_path / "logs"
+    opts = training_config(config(), market1501, tmp_path)  # the small settings, as command-line keys
+    keys = ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.DEPTH", "18x", "MODEL.BACKBONE.FEAT_DIM", "512",
+            "INPUT.SIZE_TRAIN", str(SIZE), "INPUT.SIZE_TEST", str(SIZE), "OUTPUT_DIR", str(output)]
+    for key in ("DATALOADER.SAMPLER_TRAIN", "DATALOADER.NUM_INSTANCE", "DATALOADER.NUM_WORKERS",
+                "SOLVER.IMS_PER_BATCH", "SOLVER.MAX_EPOCH", "SOLVER.WARMUP_ITERS", "TEST.EVAL_PERIOD",
+                "TEST.IMS_PER_BATCH", "MODEL.LOSSES.NAME", "MODEL.HEADS.WITH_BNNECK"):
+        keys += [key, str(functools.reduce(getattr, key.split("."), opts))]
+    env = {**os.environ, "FASTREID_DATASETS": str(market1501.dataset_dir)}
+    done = subprocess.run([sys.executable, "train_net.py", "--config-file", "generic.yml", *keys],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    log = (output / "log.txt").read_text() if (output / "log.txt").is_file() else ""
+    log = re.sub(r"\x1b\[[0-9;]*m", "", log)  # termcolor's colours, where it thinks there is a terminal
+    assert done.returncode == 0, (done.stderr or done.stdout)[-3000:]
+    assert "Model:\nBaseline(" in log and "(layer4): SequentialWithAttention(" in log  # our backbone
+    assert re.search(r"epoch/iter: 0/3 ", log), log[-2000:]  # 4 iterations (0 .. 3)
+    header, row = (line for line in log.splitlines() if line.startswith(("| Dataset", "| Market1501")))
+    names, values = header.split("|")[2:-1], row.split("|")[2:-1]
+    results = {name.strip(): float(value) for name, value in zip(names, values)}
+    for key in METRICS:  # fast-reid's ReidEvaluator, as it logs them
+        assert 0.0 <= results[key] <= 100.0, results
+    report(capsys, "docs' train_net.py, build_attention_backbone (resnet18, rga_s)", results)
 
 
 def test_fastreids_market1501_reads_the_synthetic_layout(fastreid, market1501):
