@@ -47,7 +47,7 @@ from reid_attention import APNetS, ParameterFreeSpatialAttention, create_attenti
 from reid_attention.bench.measure import MALLOC_MODES, STEPS, set_malloc
 from reid_attention.bench.report import environment, publish
 from reid_attention.bench.suites import PAPER_SITES, failed, layer_spec, measure
-from reid_attention.pyramid import stripe_loop
+from reid_attention.apnet_s import stripe_loop
 
 COLUMNS = ["flag", "kind", "level", "site", "impl", "batch", "step_ms", "gflops", "params", "peak_mib",
            "error"]

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reid_attention as ra
-import reid_attention.pyramid as pyramid
+import reid_attention.apnet_s as apnet_s_module
 from helpers import assert_gates_vary, assert_same_step, calibrate_bn, randomize_bn, run_step, twins
 from official_rga import official_forward
 
@@ -297,14 +297,14 @@ def test_property_apnet_s_fused_equals_reference(case):
 
 def test_apnet_s_fused_makes_one_batched_call_per_level(monkeypatch):
     calls = []
-    real = pyramid.relation_logits_fused
+    real = apnet_s_module.relation_logits_fused
 
     def counting(tokens, branches, **kw):
         calls.append((tuple(tokens.shape), len(branches)))
         return real(tokens, branches, **kw)
 
     m = apnet_s(8, (8, 4), levels=3)  # built (and calibrated) before counting
-    monkeypatch.setattr(pyramid, "relation_logits_fused", counting)
+    monkeypatch.setattr(apnet_s_module, "relation_logits_fused", counting)
     m(torch.randn(2, 8, 8, 4, dtype=torch.float64))
     assert calls == [((2, 4, 8, 8), 4), ((2, 2, 8, 16), 2), ((2, 1, 8, 32), 1)]
 

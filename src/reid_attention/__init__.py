@@ -9,7 +9,8 @@ from importlib import metadata as _metadata
 from .registry import create_attention, list_attentions, register_attention
 from .inference import fold_batchnorm_scales
 from .pfsa import ParameterFreeSpatialAttention
-from .pyramid import APNetC, APNetS
+from .apnet_c import APNetC
+from .apnet_s import APNetS
 from .rga import RGA
 from .insert import insert_attention, list_sites, resize_attention, set_last_stride
 from .recalibrate import recalibrate_norms

@@ -93,3 +93,24 @@ def check_input(
             "ra.resize_attention(model, input_size) on a wrapped model or preset"
         )
     return x
+
+
+def max_levels(size: int) -> int:
+    """The most attention-pyramid levels a side of ``size`` allows: 1 + the power of two in
+    ``size`` (level l cuts it into 2^(l-1) equal parts)."""
+    return (size & -size).bit_length()
+
+
+def check_levels(owner: str, levels: object, what: str, size: int) -> int:
+    """An attention pyramid's ``levels``: an int whose finest level's 2^(levels-1) parts divide
+    ``size`` (APNet-C: the channels; APNet-S: the height)."""
+    check_positive_int("levels", levels)
+    parts = 2 ** (levels - 1)
+    if size % parts:
+        most = max_levels(size)
+        raise ArgumentError(
+            "levels", levels,
+            f"{owner} level {levels} splits {what} into {parts} parts: {what} = {size} is not "
+            f"divisible by {parts}; levels 1..{most} work at this size (pass levels={most} or fewer)",
+        )
+    return levels

@@ -39,6 +39,11 @@ class ImplSwitch:
     @impl.setter
     def impl(self, value: str) -> None:
         self._impl = check_impl(value)
+        self._impl_changed(self._impl)
+
+    def _impl_changed(self, impl: str) -> None:
+        """Called after every valid ``impl`` assignment; a layer that holds other layers
+        overrides it to pass the value on (APNet-S to its stripe agents)."""
 
 
 class MemorySwitch:

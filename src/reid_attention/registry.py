@@ -76,14 +76,15 @@ def _pfsa(channels: int, feat_size: Optional[SizeLike], **kw) -> nn.Module:
 
 
 def _apnet_c(channels: int, feat_size: Optional[SizeLike], **kw) -> nn.Module:
-    from .pyramid import APNetC
+    from .apnet_c import APNetC
 
     return APNetC(channels, **kw)
 
 
 def _apnet_s(channels: int, feat_size: SizeLike, *, levels: Optional[int] = None, **kw) -> nn.Module:
     """APNet-S; without ``levels``: 2, or 1 where the map height is odd (e.g. a 7x7 stage end)."""
-    from .pyramid import APNetS, max_levels
+    from ._checks import max_levels
+    from .apnet_s import APNetS
 
     feat_size = feat_pair("APNetS", feat_size)
     if levels is None:

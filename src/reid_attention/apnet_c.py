@@ -1,4 +1,4 @@
-"""Attention pyramids: APNet-C (channel) and APNet-S (spatial), one site each.
+"""APNet-C: one site of the channel attention pyramid.
 
 Chen et al., "Person Re-identification via Attention Pyramid", IEEE TIP 2021, arXiv:2108.05340.
 Official code: CHENGY12/APNet (channel version only).
@@ -18,47 +18,24 @@ and level l >= 2, with r = 2^(l-1) groups x = [x_1 .. x_r] of C/r channels, is
     s = GAP(x_1 + ... + x_r),  z = fc2(relu(BN(fc1(s)))) viewed (r, C/r)
     A_l(x) = BN_l([softmax_r(z)_1 * x_1, ..., softmax_r(z)_r * x_r])   (BN_l: frozen bias)
 
-APNet-S cuts the height into 2^(l-1) horizontal stripes; each stripe's agent is an RGA-S module
-built for the stripe's size, and A_l(x) = x * [sigmoid(RGA-S_1 logits); ...] stacked along H.
+The spatial version, stripes with RGA-S agents, is :mod:`reid_attention.apnet_s`.
 """
 
 from __future__ import annotations
 
-import copy
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._checks import ArgumentError, check_input, check_positive_int, feat_pair, layer_name
+from ._checks import check_input, check_levels, check_positive_int, layer_name
 from ._precision import compute_dtype, no_autocast
-from ._switches import ImplSwitch, MemorySwitch
+from ._switches import ImplSwitch
 from ._norm import NormLayer, batchnorm_affine, make_norm, norm_channels, one_kernel, run_module
-from ._relation import gate, lean_applies, relation_logits_fused
-from .rga import RGA
 
-__all__ = ["APNetC", "APNetS"]
-
-
-def max_levels(size: int) -> int:
-    """The most pyramid levels a side of ``size`` allows: 1 + the power of two in ``size``."""
-    return (size & -size).bit_length()
-
-
-def _check_levels(owner: str, levels: int, what: str, size: int) -> int:
-    """``levels`` as an int whose finest level's 2^(levels-1) parts divide ``size``."""
-    check_positive_int("levels", levels)
-    parts = 2 ** (levels - 1)
-    if size % parts:
-        most = max_levels(size)
-        raise ArgumentError("levels", levels,
-            f"{owner} level {levels} splits {what} into {parts} parts: {what} = {size} is not "
-            f"divisible by {parts}; levels 1..{most} work at this size (pass levels={most} or fewer)"
-        )
-    return levels
+__all__ = ["APNetC"]
 
 
 def _linear(x: Tensor, layer: nn.Module, dtype: torch.dtype) -> Tensor:
@@ -135,9 +112,9 @@ class SplitAttention(nn.Module):
 class _ChannelMoments(torch.autograd.Function):
     """Per-(sample, channel) mean and biased variance over positions, (B, C) each.
 
-    Two-pass forward like BatchNorm's CPU kernel (mean, then the norm of the centred map; much
-    faster than the Welford ``torch.var_mean``), and a one-pass backward
-    ``dL/dx = dL/dmean / N + 2 (x - mean) dL/dvar / N``. First-order gradients only.
+    Two-pass forward, as BatchNorm's CPU kernel computes it (the mean, then the norm of the
+    centred map), and a one-pass backward ``dL/dx = dL/dmean / N + 2 (x - mean) dL/dvar / N``.
+    First-order gradients only.
     """
 
     @staticmethod
@@ -166,7 +143,7 @@ def _moments(x: Tensor, with_var: bool) -> Tuple[Tensor, Optional[Tensor]]:
     return x.mean((2, 3), dtype=compute_dtype(x)), None
 
 
-def _affine(x: Tensor, mean: Tensor, scale: Tensor, pooled: Tensor) -> Tensor:
+def _apply_folded_affine(x: Tensor, mean: Tensor, scale: Tensor, pooled: Tensor) -> Tensor:
     """``x * scale + shift`` per (sample, channel), the shift set so the spatial means are
     ``pooled`` (x's are ``mean``): one broadcast addcmul that keeps x's memory format."""
     shift = pooled - mean * scale
@@ -197,6 +174,7 @@ class APNetC(ImplSwitch, nn.Module):
     State dict: ``se.fc.0.weight``, ``se.fc.2.weight`` (official ``att{k}.fc.*``) and, for level
     l = i + 2, ``split.{i}.fc1.*``, ``split.{i}.bn1.*``, ``split.{i}.fc2.*``, ``split.{i}.norm.*``
     (official level 2: ``att_s{k}.fc1/bn1/fc2`` and ``BN{k}.bottleneck2``).
+    :attr:`num_levels` is the pyramid height (the ``levels`` argument), as on :class:`reid_attention.APNetS`.
 
     Batch of one in training mode: refused with a ValueError (levels >= 2). The split attention
     normalises globally pooled features with BatchNorm, which has a single value per channel
@@ -236,14 +214,15 @@ class APNetC(ImplSwitch, nn.Module):
     ) -> None:
         super().__init__()
         self.channels = check_positive_int("channels", channels)
-        self.num_levels = _check_levels("APNetC", levels, "channels", channels)
+        self.num_levels = check_levels("APNetC", levels, "channels", channels)
         for name, value in (("se_hidden", se_hidden), ("split_reduction", split_reduction),
                             ("split_min_width", split_min_width)):
             check_positive_int(name, value)
         factory = dict(device=device, dtype=dtype)
         self.se = SqueezeExcite(channels, se_hidden, **factory)
         self.split = nn.ModuleList(
-            SplitAttention(channels, 2 ** (level - 1), split_reduction, split_min_width, norm_layer, **factory)
+            SplitAttention(channels, 2 ** (level - 1), split_reduction, split_min_width, norm_layer,
+                           **factory)
             for level in range(2, levels + 1)
         )
         self.impl = impl
@@ -282,137 +261,12 @@ class APNetC(ImplSwitch, nn.Module):
                     norm_scale, norm_shift = batchnorm_affine(level.norm, pooled, stats, count)
                     scale, pooled = scale * norm_scale, torch.addcmul(norm_shift, pooled, norm_scale)
                 else:
-                    src = run_module(level.norm, _affine(src, mean, scale, pooled))
+                    src = run_module(level.norm, _apply_folded_affine(src, mean, scale, pooled))
                     mean, var = _moments(src, with_var)
                     scale, pooled = torch.ones_like(mean), mean
             se_gate = self.se.gate(pooled)
-            out = _affine(src, mean, scale * se_gate, pooled * se_gate)
+            out = _apply_folded_affine(src, mean, scale * se_gate, pooled * se_gate)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, levels={self.num_levels}, impl={self._impl!r}"
-
-
-def stripe_loop(x: Tensor, level: Sequence[RGA]) -> Tensor:
-    """One APNet-S level as a Python loop: each agent gates its own stripe (in the agent's impl)."""
-    b, _, h, w = x.shape
-    stripes = x.chunk(len(level), dim=2)
-    shape = (b, 1, h // len(level), w)
-    return torch.cat([gate(s, agent.spatial_logits(s), shape) for agent, s in zip(level, stripes)], dim=2)
-
-
-def _stripes_fused(x: Tensor, level: Sequence[RGA], lean: bool = False) -> Tensor:
-    """One APNet-S level with all its agents in one batched relation call."""
-    b, _, h, w = x.shape
-    tokens = rearrange(x, "b c (g h) w -> b g c (h w)", g=len(level))  # a view, either memory format
-    branches = [agent.branch("spatial") for agent in level]
-    lean = lean and lean_applies(branches, b)
-    logits = relation_logits_fused(tokens, branches, lean=lean)  # (B, G, h*W)
-    return gate(x, logits, (b, 1, h, w))
-
-
-class APNetS(ImplSwitch, MemorySwitch, nn.Module):
-    """One site of the APNet spatial attention pyramid (APNet-S), RGA-S agents per stripe.
-
-    Level l cuts the height into 2^(l-1) stripes of H / 2^(l-1) rows; each stripe has its own
-    ``RGA(channels, (H / 2^(l-1), W), spatial=True, channel=False, **rga_kw)`` agent, and the
-    stripes' sigmoid gates, stacked along H, multiply the map. Levels run fine -> coarse, each
-    gating the output of the finer one (level 1: one RGA-S on the whole map). The authors
-    released no code for this version; it follows the paper's description.
-
-    Args:
-        channels: C of the input.
-        feat_size: (H, W) of the input, a pair; H must be divisible by 2^(levels-1).
-        levels: pyramid height (default 2).
-        min_width: floor of the agents' inner widths (see :class:`RGA`), so any stripe size builds.
-        norm_layer: ``num_channels -> nn.Module`` for the agents' norms (see :class:`RGA`).
-        impl: ``"fused"`` (default) or ``"reference"``; settable, and passed on to the agents.
-        memory: ``"default"`` or ``"lean"`` (see :class:`RGA`); settable.
-        device, dtype: torch's factory keywords.
-        **rga_kw: channel_ratio, spatial_ratio, down_ratio of the agents (see :class:`RGA`).
-
-    State dict: ``levels.{l-1}.{stripe}.<RGA-S names>``, e.g. ``levels.1.0.theta_spatial.0.weight``
-    is level 2's top stripe; each agent has the official RGA-S layout for its stripe size.
-
-    Paths:
-
-    * ``reference`` loops over the stripes (:func:`stripe_loop`): each agent, in its reference
-      mode, gates its own stripe, and the gated stripes are concatenated along H.
-    * ``fused`` runs a level's agents in one batched call: the stripes are viewed as G stacked
-      token sets (B, G, C, h*W) and :func:`reid_attention._relation.relation_logits_fused` evaluates all
-      G agents with stacked weights; the logits (B, G, h*W) are the (B, 1, H, W) gate by a view.
-      Copies (measured with the profiler): level 1 (G = 1) makes none, in NCHW or channels_last.
-      For G > 1 the (batch, stripe) dims of the token view cannot share one GEMM batch stride,
-      so the stripes' projections run as one GEMM per stripe, batched over the stripes, on the
-      tokens gathered into (G, C, B*h*W) (one copy of x per level, in either layout); a broadcast
-      torch.matmul would instead copy the stacked weights once per sample (at layer4, B = 64,
-      G = 2: 0.8 GB). The output keeps x's memory format.
-    """
-
-    def __init__(
-        self,
-        channels: int,
-        feat_size: Tuple[int, int],
-        *,
-        levels: int = 2,
-        min_width: int = 1,
-        norm_layer: NormLayer = nn.BatchNorm2d,
-        impl: str = "fused",
-        memory: str = "default",
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
-        **rga_kw,
-    ) -> None:
-        super().__init__()
-        self.memory = memory
-        self.channels = check_positive_int("channels", channels)
-        self.feat_size = feat_pair("APNetS", feat_size)
-        height, width = self.feat_size
-        self.num_levels = _check_levels("APNetS", levels, "the height H", height)
-        self.levels = nn.ModuleList(
-            nn.ModuleList(
-                RGA(channels, (height // stripes, width), spatial=True, channel=False, min_width=min_width,
-                    norm_layer=norm_layer, device=device, dtype=dtype, **rga_kw)
-                for _ in range(stripes)
-            )
-            for stripes in (2 ** i for i in range(levels))
-        )
-        self.impl = impl
-
-    @ImplSwitch.impl.setter
-    def impl(self, value: str) -> None:
-        ImplSwitch.impl.fset(self, value)
-        for agent in self.agents():
-            agent.impl = value
-
-    def agents(self) -> List[RGA]:
-        """Every stripe agent, level by level (top stripe first)."""
-        return [agent for level in self.levels for agent in level]
-
-    def resized(self, feat_size: Tuple[int, int], *, mode: str = "bilinear") -> "APNetS":
-        """A copy for (H', W') maps: every stripe agent :meth:`RGA.resized` to its new stripe.
-
-        H' must be divisible by the finest level's stripes. Exact like :meth:`RGA.resized` for
-        nearest upsampling by an integer factor: each stripe of the upsampled map is the
-        upsampled stripe.
-        """
-        height, width = feat_pair("APNetS.resized", feat_size)
-        _check_levels("APNetS.resized", self.num_levels, "the height H", height)
-        resized = copy.deepcopy(self)
-        for level in resized.levels:
-            for i, agent in enumerate(level):
-                level[i] = agent.resized((height // len(level), width), mode=mode)
-        resized.feat_size = (height, width)
-        return resized
-
-    def forward(self, x: Tensor) -> Tensor:
-        check_input(x, layer_name(self), self.channels, self.feat_size)
-        for level in reversed(self.levels):
-            if self._impl == "reference":
-                x = stripe_loop(x, level)
-            else:
-                x = _stripes_fused(x, level, lean=self._lean)
-        return x
-
-    def extra_repr(self) -> str:
-        return f"{self.channels}, feat_size={self.feat_size}, levels={self.num_levels}, impl={self._impl!r}"
