@@ -539,7 +539,13 @@ _settings = {"compile_evaluator": True}
 def _shim_torch_six() -> Optional[Callable[[], None]]:
     """``torch._six`` (removed in torch 2.0), imported by ``fastreid.data.build`` for
     ``string_classes``: a module with what torch 1.x's held."""
-    if importlib.util.find_spec("torch._six") is not None:
+    if "torch._six" in sys.modules:  # torch 1.x's, imported already, or someone else's stand-in
+        return None
+    try:
+        native = importlib.util.find_spec("torch._six")
+    except (ImportError, ValueError):
+        native = None
+    if native is not None:  # torch 1.x
         return None
     six = types.ModuleType("torch._six", "torch 1.x's torch._six for fastreid 1.4.0 (reid_attention)")
     six.string_classes = (str, bytes)
