@@ -196,9 +196,13 @@ def kind_impl_params(kinds=KINDS):
     return [pytest.param(k, i, id=f"{k}-{i}") for k, i in itertools.product(kinds, IMPLS)]
 
 
-# --- what float32 rounding can do to a computation -------------------------------------------
+# --- what rounding can do to a computation ---------------------------------------------------
 
-U32 = 2.0**-24  # unit roundoff of float32
+# Unit roundoff u = 2^-p of each floating format (p significand bits, the implicit one included):
+# round-to-nearest moves a value by at most u relative.
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+U64 = UNIT_ROUNDOFF[torch.float64]  # 1.1e-16
+U32 = UNIT_ROUNDOFF[torch.float32]  # 6.0e-8
 _CONTRACTIONS = {  # op -> (argument index, dim) of the summed length of a matrix product
     torch.ops.aten.mm.default: (0, -1),
     torch.ops.aten.bmm.default: (0, -1),
@@ -206,6 +210,10 @@ _CONTRACTIONS = {  # op -> (argument index, dim) of the summed length of a matri
     torch.ops.aten.baddbmm.default: (1, -1),
 }
 _RELU = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
+_AUTOCAST_OPS = {*_CONTRACTIONS, torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default}
+# Copies (a dtype cast, or a reshape of a strided tensor): no arithmetic of their own, and where
+# a run in one dtype casts or copies, a run in another may not.
+_COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.clone.default, torch.ops.aten._unsafe_view.default)
 
 
 def _summed_length(func, args, out: torch.Tensor) -> int:
@@ -222,44 +230,168 @@ def _summed_length(func, args, out: torch.Tensor) -> int:
     return max(1, first.numel() // out.numel())
 
 
-class RoundingProbe(TorchDispatchMode):
-    """A float64 run that models float32 rounding, recording every ReLU's input.
+def _accumulation_unit(dtype: torch.dtype) -> float:
+    """Unit roundoff a kernel producing ``dtype`` accumulates in: float64's for float64, float32's
+    for float32 and the half formats (CPU and CUDA kernels sum bf16 / fp16 in float32)."""
+    return U64 if dtype == torch.float64 else U32
 
-    Under ``RoundingProbe(seed)`` each floating result of an op (forward and backward) is rounded
-    to the nearest float32 after an error of ``sqrt(k) * U32 * r`` relative, r uniform in
-    [-1, 1] and k the number of terms the op sums (:func:`_summed_length`; 1 for elementwise
-    ops, which are only rounded): the typical error of a float32 kernel accumulating k terms,
-    which a float64 computation then carries through everything after it as float32 would
-    (saturation and underflow included: a sigmoid of a large logit rounds to exactly 1). The
-    spread of a few such runs is the computation's sensitivity to float32 rounding, its
-    conditioning, measured in float64 and so the same on every CPU. ``seed=None`` changes
-    nothing and only records. ``relu_inputs`` holds the input of every ReLU in call order.
+
+def _kind(func):
+    """What the schedule of :class:`RoundingProbe` matches ops by: the op, except that the matrix
+    products count as one (torch.matmul folds a batch into mm or calls bmm depending on strides,
+    which a cast to another dtype may change)."""
+    return "matrix product" if func in _CONTRACTIONS else func
+
+
+def _is_view(func) -> bool:
+    schema = func._schema
+    return bool(schema.returns) and schema.returns[0].alias_info is not None and not schema.is_mutable
+
+
+def _written(func):
+    """Indices of the arguments ``func`` writes to (in-place and out= ops)."""
+    return {i for i, a in enumerate(func._schema.arguments) if a.alias_info is not None and a.alias_info.is_write}
+
+
+def _computed(args) -> bool:
+    """Whether an op's result is computed from floating tensors (not created: zeros, randn)."""
+    return any(isinstance(a, torch.Tensor) and a.is_floating_point() for a in args)
+
+
+def _tensors(out):
+    return [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+
+
+class DtypeSchedule(TorchDispatchMode):
+    """Records the dtypes a real (say autocast) run computes in, for :class:`RoundingProbe`.
+
+    ``ops`` holds, per op that is not a view or a cast, ``(op, input dtypes, output dtypes)``:
+    which tensors autocast and the library's float32 islands hand to each op in which format.
     """
 
-    def __init__(self, seed=None):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func not in _COPIES and not _is_view(func):
+            self.ops.append((func, [a.dtype if isinstance(a, torch.Tensor) else None for a in args],
+                             [t.dtype for t in _tensors(out)]))
+        return out
+
+
+class RoundingProbe(TorchDispatchMode):
+    """A float64 run that models rounding in ``dtype`` (or in a recorded schedule of dtypes),
+    recording every ReLU's input.
+
+    Under ``RoundingProbe(seed)`` each floating result of an op (forward and backward) is rounded
+    to the nearest ``dtype`` after an error of ``sqrt(k) * u * r`` relative, r uniform in
+    [-1, 1], k the number of terms the op sums (:func:`_summed_length`) and u the unit roundoff
+    the kernel accumulates in (:func:`_accumulation_unit`: float32's for float32, bf16 and fp16):
+    the typical error of a kernel accumulating k terms, which a float64 computation then carries
+    through everything after it as the real run would (saturation, overflow and underflow
+    included: a sigmoid of a large logit rounds to exactly 1 in float32). Elementwise ops (k = 1)
+    are only rounded; with ``dtype=torch.float64`` there is no rounding to model that, so every
+    computed result gets the ``sqrt(k) * u * r`` error, k = 1 included (another CPU's exp or
+    division may differ in the last bit); created tensors (zeros, randn) are left exact. The spread of a few such runs is the computation's sensitivity to
+    rounding in that format, its conditioning, measured in float64 and so the same on every CPU.
+
+    ``schedule`` (a :class:`DtypeSchedule`'s ``ops``, recorded on the real run of the same
+    computation, e.g. under autocast) replaces the one ``dtype``: each op's inputs are rounded to
+    the formats the real run handed it (autocast's casts to bf16 included) and its results to the
+    formats the real run produced. The op sequences must agree (casts aside); a mismatch raises.
+
+    ``seed=None`` changes nothing and only records. ``relu_inputs`` holds the input of every ReLU
+    in call order.
+    """
+
+    def __init__(self, seed=None, dtype: torch.dtype = torch.float32, schedule=None, autocast=None):
         super().__init__()
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.dtype, self.schedule, self.step = dtype, schedule, 0
+        self.autocast = autocast
         self.relu_inputs = []
+
+    def _round_inputs(self, func, args, dtypes):
+        written = _written(func)
+        return tuple(
+            a.to(d).double() if (i not in written and isinstance(a, torch.Tensor) and a.dtype == torch.float64
+                                 and d is not None and d.is_floating_point and d != torch.float64) else a
+            for i, (a, d) in enumerate(zip(args, dtypes + [None] * (len(args) - len(dtypes))))
+        )
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _RELU:
             self.relu_inputs.append(args[0].detach().clone())
+        scheduled = self.schedule is not None and self.generator is not None
+        if scheduled and func in _COPIES:
+            return func(*args, **kwargs)  # the schedule's formats already say where values round
+        if scheduled and not _is_view(func):
+            if self.step >= len(self.schedule) or _kind(self.schedule[self.step][0]) != _kind(func):
+                got = self.schedule[self.step][0] if self.step < len(self.schedule) else "the end"
+                raise AssertionError(f"RoundingProbe: op {self.step} is {func}, the recorded run had {got}")
+            _, in_dtypes, out_dtypes = self.schedule[self.step]
+            self.step += 1
+            args = self._round_inputs(func, args, in_dtypes)
+        low = self.autocast is not None and self.generator is not None and func in _AUTOCAST_OPS
+        if low:
+            args = tuple(a.to(self.autocast).double() if isinstance(a, torch.Tensor) and a.dtype == torch.float64 else a
+                         for a in args)
         out = func(*args, **kwargs)
-        schema = func._schema
-        if self.generator is None or (schema.returns and schema.returns[0].alias_info is not None
-                                      and not schema.is_mutable):
-            return out  # a view: no arithmetic
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.numel():
+        if self.generator is None or _is_view(func):
+            return out  # only recording, or a view: no arithmetic
+        tensors = _tensors(out)
+        targets = out_dtypes if scheduled else [self.autocast if low else self.dtype] * len(tensors)
+        for t, target in zip(tensors, targets):
+            if t.dtype == torch.float64 and t.numel() and target.is_floating_point:
                 k = _summed_length(func, args, t)
-                if k > 1:
+                if k > 1 or (target == torch.float64 and _computed(args)):
                     r = torch.rand(t.shape, generator=self.generator, dtype=t.dtype) * 2 - 1
-                    t.mul_(1 + (k**0.5 * U32) * r)
-                t.copy_(t.float())
+                    t.mul_(1 + (k**0.5 * _accumulation_unit(target)) * r)
+                if target != torch.float64:
+                    t.copy_(t.to(target))
         return out
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to max |b|, in float64."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in float64 (0 for empty tensors)."""
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def norm_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (Frobenius), in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# A computation is trusted to within ROUNDING_FACTOR times what modelled rounding does to it
+# (the largest deviation of PROBE_SEEDS RoundingProbe runs): the real error of float32 kernels was
+# 0.1-1.7x the modelled one (test_contract, AMD EPYC, AVX-512 / AVX2 / default ATen kernels), that
+# of bf16 / fp16 autocast 0.9-1.05x (test_deploy, all kinds); 4 leaves room for kernels that round
+# less favourably, while a real fault (a missing float32 island, an unguarded divisor, a wrong
+# path) moves the error by orders of magnitude. test_contract's extreme-magnitudes test has its own
+# copy of these constants.
+ROUNDING_FACTOR = 4
+PROBE_SEEDS = 3
+
+
+def rounding_envelope(step, module: torch.nn.Module, measures, seeds: int = PROBE_SEEDS, **probe):
+    """``(exact, worst)``: ``step(m)`` (returning a sequence of tensors) on a fresh deep copy m of
+    the float64 ``module`` (made outside the probe), once as it is, and ``worst[i]``, the largest
+    ``measures[i](result[i], exact[i])`` over ``seeds`` runs under ``RoundingProbe(seed, **probe)``
+    (0 where ``exact[i]`` or ``measures[i]`` is None)."""
+    exact = step(copy.deepcopy(module))
+    worst = [0.0] * len(measures)
+    for seed in range(seeds):
+        fresh = copy.deepcopy(module)
+        with RoundingProbe(seed, **probe):
+            got = step(fresh)
+        worst = [w if b is None or measure is None else max(w, measure(a, b))
+                 for w, measure, a, b in zip(worst, measures, got, exact)]
+    return exact, worst
