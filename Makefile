@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: test test-isa bench gpu-check install-test install-bench lint clean
+.PHONY: test test-isa bench gpu-check install-test install-bench lint clean test-compat
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,13 @@ test-integrations: $(VENV)/bin/activate
 # On a CUDA machine: the CUDA tests and the GPU benchmarks (benchmarks/gpu_check.sh installs what it needs).
 gpu-check:
 	benchmarks/gpu_check.sh
+
+# The layer, norm and insertion tests on a version matrix (torch 2.4 to 2.15, Python 3.9 to 3.13,
+# einops 0.7): one venv per entry in .compat-cache/, reused; results in tools/compat_results.md.
+# A cold run downloads about 3 GB per CUDA torch build and keeps about 5 GB per venv (~27 GB);
+# each entry's tests take about 7 min on 2 cores. COMPAT_ARGS="--only NAME" or "--list".
+test-compat:
+	$(PYTHON) tools/compat.py $(COMPAT_ARGS)
 
 # The API reference, generated from the docstrings by pdoc (in the test extra): HTML in docs/api/
 # (git-ignored). Fails on a pdoc warning or a docstring cross-reference that names nothing.
