@@ -15,13 +15,11 @@ import pytest
 import torch
 import torchvision.models as tvm
 from torch import nn
-from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.feature_extraction import create_feature_extractor
-from torchvision.models.resnet import Bottleneck, ResNet
-from torchvision.models.swin_transformer import SwinTransformer
 
 import reid_attention as ra
 from insertion_checks import KINDS, SIZES, check_default_insertion, check_real_step
+from real_models import REAL
 from reid_attention._checks import SITE_ATTR, ArgumentError
 from reid_attention.insert import NHWCAdapter, fx_leaf_modules
 
@@ -343,22 +341,6 @@ def test_official_pfsa_on_request():
 
 # --------------------------------------------------------------------------- insertion, numerics
 
-REAL = {
-    "resnet18": (lambda: tvm.resnet18(weights=None), (64, 32)),
-    "resnext": (lambda: ResNet(Bottleneck, [1, 1, 1, 1], groups=32, width_per_group=4), (64, 32)),
-    "mobilenet_v2": (lambda: tvm.mobilenet_v2(weights=None), (64, 64)),
-    "mobilenet_v3": (lambda: tvm.mobilenet_v3_small(weights=None), (64, 64)),
-    "efficientnet_b0": (lambda: tvm.efficientnet_b0(weights=None), (64, 64)),
-    "convnext": (lambda: ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, 64, 1),
-                                   CNBlockConfig(64, 128, 1), CNBlockConfig(128, None, 1)]), (64, 64)),
-    "regnet": (lambda: tvm.regnet_y_400mf(weights=None), (64, 64)),
-    "densenet": (lambda: tvm.densenet121(weights=None), (64, 64)),
-    "shufflenet": (lambda: tvm.shufflenet_v2_x0_5(weights=None), (64, 64)),
-    "mnasnet": (lambda: tvm.mnasnet0_5(weights=None), (64, 64)),
-    "googlenet": (lambda: tvm.googlenet(weights=None, init_weights=False, aux_logits=False), (64, 64)),
-    "swin": (lambda: SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1, 1, 1],
-                                     num_heads=[1, 1, 1, 1], window_size=[2, 2]), (64, 64)),
-}
 
 
 @pytest.mark.parametrize("family", sorted(REAL))
