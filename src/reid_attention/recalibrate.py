@@ -11,11 +11,12 @@ of the statistics of past training batches (momentum 0.1: about the last 10 batc
 through the weights of its own step). While the weights move fast -- early training, a random
 init, Adam -- those averages lag the statistics the current weights produce, and the error
 compounds through a deep network. RGA is hit hardest: its relation term is a product of two
-normalised projections summed over every position, and its gate ends in a one-channel
-BatchNorm whose running variance is tiny next to the drift of its input, so the eval-mode gate
-logits reach 1e5 .. 1e9, the sigmoids saturate and the pooled features of all images become
-identical or zero (``benchmarks/eval_collapse.py`` measures it on a small re-ID run). Nothing is
-wrong with the trained weights: statistics estimated for them restore the features.
+projections summed over every position, so an error in the statistics before it grows before
+the gate's final one-channel BatchNorm; the eval-mode gate logits reach 1e5 .. 1e9, the
+sigmoids saturate and the pooled features of all images become identical or zero
+(``benchmarks/eval_collapse.py`` measures it on a small re-ID run; docs/training.md has the
+figures). Nothing is wrong with the trained weights: statistics estimated for them restore
+the features.
 
 **When to call it.** Before evaluating a model that is still training (between epochs, as
 torchreid's ``Engine.run(eval_freq=...)`` and fast-reid's evaluation hook do), before saving a
