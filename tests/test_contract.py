@@ -16,6 +16,7 @@ from helpers import (
     CHANNEL_TIED,
     CHANNELS,
     FEAT_SIZE,
+    FORWARD_TOL,
     KINDS,
     SIZE_TIED,
     assert_gates_vary,
@@ -32,7 +33,6 @@ from helpers import (
 import reid_attention as ra
 
 ALL = kind_impl_params()
-EXACT = {"atol": 1e-12, "rtol": 1e-10}  # float64: only summation order may differ
 # Kinds refusing a batch of one in training mode (BatchNorm over pooled features).
 TRAIN_BATCH1_REFUSED = {"apnet_c"}
 
@@ -154,7 +154,7 @@ def test_non_finite_input_propagates(kind, impl, value):
     with torch.no_grad():
         y, clean = m(poisoned), m(x)
     assert not torch.isfinite(y[0, 0, 0, 0])
-    torch.testing.assert_close(y[1], clean[1], **EXACT)
+    torch.testing.assert_close(y[1], clean[1], **FORWARD_TOL)
     with torch.no_grad():
         assert m.train()(poisoned).shape == x.shape
 
@@ -257,7 +257,7 @@ def test_batch_of_one(kind, impl):
     x = make_input(3)
     assert_gates_vary(kind, m, x)
     with torch.no_grad():
-        torch.testing.assert_close(m(x[1:2]), m(x)[1:2], **EXACT)
+        torch.testing.assert_close(m(x[1:2]), m(x)[1:2], **FORWARD_TOL)
     m.train()
     if kind in TRAIN_BATCH1_REFUSED:
         _assert_refused(ValueError, lambda: m(x[:1]), "batch of at least 2", module=m)
@@ -324,6 +324,7 @@ def test_copies_compute_the_same(kind, impl, copier):
     m = build(kind, impl).train()
     clone = copier(m)
     assert clone.impl == impl
+    # exact: a copy runs the same kernels in the same order on the same values
     assert_same_step(run_step(clone, make_input(2)), run_step(m, make_input(2)), atol=0, rtol=0)
 
 
@@ -337,7 +338,7 @@ def test_state_dict_round_trip(kind, impl):
         other = build(kind, target_impl, seed=1).eval()
         other.load_state_dict(m.state_dict(), strict=True)
         with torch.no_grad():
-            torch.testing.assert_close(other(x), m(x), **EXACT)
+            torch.testing.assert_close(other(x), m(x), **FORWARD_TOL)
 
 
 @pytest.fixture
@@ -353,4 +354,5 @@ def test_deterministic_algorithms(kind, impl, deterministic):
     """Runs under torch.use_deterministic_algorithms(True), and repeats bit for bit."""
     m = build(kind, impl).train()
     x = make_input(2)
+    # exact: deterministic kernels, the same order, the same values
     assert_same_step(run_step(copy.deepcopy(m), x), run_step(m, x), atol=0, rtol=0)

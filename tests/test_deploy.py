@@ -11,8 +11,9 @@
 * ONNX (dynamo exporter) with a dynamic batch, run by onnxruntime at batch 1 and 5.
 * Mixed precision: autocast bf16 and fp16 on CPU (and on CUDA when present): finite outputs and
   gradients, error vs the exact step within the modelled rounding of the formats the step runs
-  in, for unit-scale and hundreds-scale activations; finite forward with raw statistics (float16 overflows there unless the relation math is the
-  float32 island it is meant to be; bfloat16 has float32's range and cannot tell).
+  in, for unit-scale and hundreds-scale activations; finite forward with raw statistics
+  (float16 overflows there unless the relation math is the float32 island it is meant to be;
+  bfloat16 has float32's range and cannot tell).
 
 The modules come from helpers.build: BatchNorm statistics calibrated on data, so eval-mode gates
 vary (checked with assert_gates_vary) and a wrong relation graph cannot hide behind a constant
@@ -27,6 +28,7 @@ import functools
 import pytest
 import torch
 from helpers import (
+    FORWARD_TOL,
     KINDS,
     ROUNDING_FACTOR,
     U32,
@@ -101,7 +103,9 @@ def test_export_dynamic_batch(kind, impl):
     for batch in (1, 2, 5):
         x = make_input(batch, seed=batch)
         with torch.no_grad():
-            torch.testing.assert_close(program.module()(x), module(x), atol=1e-12, rtol=1e-10)
+            # the program runs the traced ATen ops (bitwise equal on AMD); FORWARD_TOL covers a
+            # decomposition that rounds differently (modelled rounding <= 0.5% of it)
+            torch.testing.assert_close(program.module()(x), module(x), **FORWARD_TOL)
 
 
 @pytest.mark.parametrize("kind,impl", kind_impl_params())
@@ -125,7 +129,7 @@ def test_onnx_dynamic_batch(kind, impl):
         (out,) = session.run(None, {name: x.numpy()})
         with torch.no_grad():
             want = module(x)
-            _, (modelled,) = rounding_envelope(lambda m: (m(x.double()),), m64, (relative_error,))
+            _, (modelled,) = rounding_envelope(lambda m, x=x: (m(x.double()),), m64, (relative_error,))
         error = relative_error(torch.from_numpy(out), want)
         assert error <= 2 * (ROUNDING_FACTOR * modelled + 4 * U32), (
             f"batch {batch}: ONNX Runtime vs torch {error:.3g}, modelled float32 rounding {modelled:.3g}")
@@ -200,7 +204,7 @@ def test_autocast_close_to_float32(kind, impl, device, dtype, train, scale):
             continue
         assert torch.isfinite(a).all(), f"{what} not finite"
         error = measure(a, b)
-        assert error <= ROUNDING_FACTOR * bound + 4 * U32, f"{what}: error {error:.3g}, modelled rounding {bound:.3g}"
+        assert error <= ROUNDING_FACTOR * bound + 4 * U32, f"{what}: error {error:.3g}, modelled {bound:.3g}"
 
 
 @pytest.mark.parametrize("device,dtype", MIXED_CASES)

@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 import reid_attention as ra
 import reid_attention.apnet_s as apnet_s_module
-from helpers import assert_gates_vary, assert_same_step, calibrate_bn, randomize_bn, run_step, twins
+from helpers import (
+    GRADCHECK,
+    assert_gates_vary,
+    assert_same_step,
+    calibrate_bn,
+    randomize_bn,
+    run_step,
+    twins,
+)
 from official_rga import official_forward
 
 RGA_KW = dict(channel_ratio=2, spatial_ratio=2, down_ratio=2)  # small maps, non-empty widths
@@ -143,9 +151,9 @@ def test_property_apnet_c_gradients_reach_everything(dtype, levels, channels_las
 def test_apnet_c_gradcheck(impl):
     m = apnet_c(4, 3, impl=impl, split_min_width=4, se_hidden=2)
     x = torch.randn(2, 4, 2, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(m, (x,))
+    assert torch.autograd.gradcheck(m, (x,), **GRADCHECK)
     m.eval()
-    assert torch.autograd.gradcheck(m, (x,))
+    assert torch.autograd.gradcheck(m, (x,), **GRADCHECK)
 
 
 def official_apnet_c_shapes(c, levels):
@@ -327,9 +335,9 @@ def test_property_apnet_s_gradients_reach_everything(dtype, levels):
 def test_apnet_s_gradcheck(impl):
     m = apnet_s(2, (2, 3), levels=2, impl=impl, channel_ratio=1, spatial_ratio=1, down_ratio=1)
     x = torch.randn(2, 2, 2, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(m, (x,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(m, (x,), **GRADCHECK)
     m.eval()
-    assert torch.autograd.gradcheck(m, (x,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(m, (x,), **GRADCHECK)
 
 
 def test_apnet_s_state_layout_and_impl_propagation():

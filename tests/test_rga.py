@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import reid_attention as ra
 from helpers import (
+    GRADCHECK,
     ROUNDING_FACTOR,
     U32,
     DtypeSchedule,
@@ -76,7 +77,9 @@ def test_fused_equals_reference_at_paper_sites(channels, feat_size, train):
     m = randomize_bn(ra.RGA(channels, feat_size).double(), seed=channels).train(train)
     ref, fused = twins(m)
     x = torch.randn(2, channels, *feat_size, dtype=torch.float64)
-    assert_same_step(run_step(ref, x), run_step(fused, x), atol=1e-9, rtol=1e-7)
+    # helpers.STEP_TOL (1e-9 / 1e-7 before): modelled float64 rounding at these sites (raw
+    # statistics, uncalibrated) is <= 6.1e3 u64 of each tensor's size, 3% of STEP_TOL elementwise
+    assert_same_step(run_step(ref, x), run_step(fused, x))
 
 
 @st.composite
@@ -123,9 +126,9 @@ def test_property_shape_dtype_and_gradients_reach_everything(case, dtype):
 def test_gradcheck(impl):
     m = small("rga_sc", 4, (3, 3), impl=impl, channel_ratio=2, spatial_ratio=2, down_ratio=2).train()
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(m, (x,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(m, (x,), **GRADCHECK)
     m.eval()
-    assert torch.autograd.gradcheck(m, (x,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(m, (x,), **GRADCHECK)
 
 
 @pytest.mark.parametrize("impl", ["reference", "fused"])
@@ -251,8 +254,9 @@ def test_autocast_large_activations(impl, kind, dtype, train):
     (want, _), (by_norm, by_element) = rounding_envelope(
         lambda module: 2 * (module(x64).detach(),), m64, (norm_error, relative_error), schedule=schedule.ops)
     y = y.detach()
-    assert norm_error(y, want) <= ROUNDING_FACTOR * by_norm + 4 * U32, (norm_error(y, want), by_norm)
-    assert relative_error(y, want) <= ROUNDING_FACTOR * by_element + 4 * U32, (relative_error(y, want), by_element)
+    errors = norm_error(y, want), relative_error(y, want)
+    assert errors[0] <= ROUNDING_FACTOR * by_norm + 4 * U32, (errors, by_norm)
+    assert errors[1] <= ROUNDING_FACTOR * by_element + 4 * U32, (errors, by_element)
 
 
 def test_impl_is_settable_and_validated():
