@@ -60,10 +60,11 @@ test-integrations: $(VENV)/bin/activate
 gpu-check:
 	benchmarks/gpu_check.sh
 
-# The layer, norm and insertion tests on a version matrix (torch 2.4 to 2.15, Python 3.9 to 3.13,
+# The layer, norm and insertion tests on a version matrix (torch 2.5 to 2.15, Python 3.9 to 3.13,
 # einops 0.7): one venv per entry in .compat-cache/, reused; results in tools/compat_results.md.
-# A cold run downloads about 3 GB per CUDA torch build and keeps about 5 GB per venv (~27 GB);
-# each entry's tests take about 7 min on 2 cores. COMPAT_ARGS="--only NAME" or "--list".
+# Warm: about 33 min on 2 shared cores (3-8 min an entry). Cold: about 3 GB of downloads per CUDA
+# torch build and 15 min more; the venvs keep about 27 GB. COMPAT_ARGS="--list", "--only NAME",
+# "--at HEAD" (test a commit, not the working tree), or "--entry 'python=3.11 torch=2.6.0'".
 test-compat:
 	$(PYTHON) tools/compat.py $(COMPAT_ARGS)
 

@@ -555,6 +555,8 @@ def write_results(path: Path, rows: list[dict]) -> None:
             out.append(
                 f"  - source: {r['source']}; install {r.get('install_s', '?')} s, tests {r.get('test_s', '-')} s"
             )
+        if r.get("remark"):
+            out.append(f"  - remark: {r['remark']}")
         if got.get("numpy"):
             out.append(f"  - numpy {got['numpy']}")
         if got.get("torchvision_error"):
