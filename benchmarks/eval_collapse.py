@@ -58,11 +58,12 @@ from reid_attention.integrations.torchreid import TorchreidModel
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "tests" / "integrations"))
-from reid_data import make_market1501
+from reid_data import make_market1501  # noqa: E402 (importable only after the sys.path insert above)
 
 COLUMNS = ["model", "optimiser", "epoch", "steps", "stats", "max_logit", "saturated", "spread", "zero",
            "mAP", "rank1", "loss"]
-HEADERS = {"max_logit": "max |logit|", "saturated": "saturated", "spread": "spread (cos)", "zero": "zero feats"}
+HEADERS = {"max_logit": "max |logit|", "saturated": "saturated", "spread": "spread (cos)",
+           "zero": "zero feats"}
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 SATURATED = 15.0
 
@@ -73,7 +74,8 @@ SATURATED = 15.0
 def load(split):
     from PIL import Image
 
-    images = torch.stack([torch.from_numpy(np.array(Image.open(path).convert("RGB"))) for path, _, _ in split])
+    images = torch.stack([torch.from_numpy(np.array(Image.open(path).convert("RGB")))
+                          for path, _, _ in split])
     images = (images.permute(0, 3, 1, 2).float() / 255 - MEAN[:, None, None]) / STD[:, None, None]
     return images, torch.tensor([p for _, p, _ in split]), torch.tensor([c for _, _, c in split])
 
@@ -255,21 +257,25 @@ def run(args, data, log):
             eval_s = time.perf_counter() - start
             start = time.perf_counter()
             twin = copy.deepcopy(model)
-            ra.recalibrate_norms(twin, (x for x, _ in train_batches(train_x, train_labels, args.batch, generator)),
+            ra.recalibrate_norms(twin,
+                                 (x for x, _ in train_batches(train_x, train_labels, args.batch, generator)),
                                  num_batches=args.recalibrate_batches)
             recal_s = time.perf_counter() - start
             records.append(dict(common, stats="recalibrated", **evaluate(twin, test)))
             rows = 2
             if args.diagnose and any(isinstance(m, ra.RGA) for m in model.modules()):
-                records.append(dict(common, stats="recal. RGA norms only", **evaluate(partly(model, twin, True), test)))
+                records.append(dict(common, stats="recal. RGA norms only",
+                                    **evaluate(partly(model, twin, True), test)))
                 records.append(dict(common, stats="recal. other norms only",
                                     **evaluate(partly(model, twin, False), test)))
                 rows = 4
             for record in records[-rows:]:
-                record.update(train_s=round(train_s, 2), eval_s=round(eval_s, 2), recalibrate_s=round(recal_s, 2))
-            log(f"{model_name} {opt_name} epoch {epoch} ({steps} steps, train {train_s:.0f}s, recalibrate "
-                f"{recal_s:.0f}s): " + "; ".join(
-                    f"{r['stats']}: max|logit| {r.get('max_logit', float('nan')):.3g}, spread {r['spread']:.3g}, "
+                record.update(train_s=round(train_s, 2), eval_s=round(eval_s, 2),
+                              recalibrate_s=round(recal_s, 2))
+            log(f"{model_name} {opt_name} epoch {epoch} ({steps} steps, train {train_s:.0f}s, "
+                f"recalibrate {recal_s:.0f}s): " + "; ".join(
+                    f"{r['stats']}: max|logit| {r.get('max_logit', float('nan')):.3g}, "
+                    f"spread {r['spread']:.3g}, "
                     f"mAP {r['mAP']:.3f}, rank-1 {r['rank1']:.3f}" for r in records[-rows:]))
     summary = {"chance": chance(query[1], query[2], gallery[1], gallery[2])}
     return records, summary
@@ -281,7 +287,8 @@ def size_pair(text):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=size_pair, default=(128, 64), help="input HxW (default 128x64)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=3)
@@ -290,19 +297,23 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=4, help="images per identity and camera")
     parser.add_argument("--models", nargs="+", default=["rga_resnet50", "resnet50"],
                         choices=["rga_resnet50", "resnet50", "rga_resnet50_momentum1"],
-                        help="rga_resnet50_momentum1: every BatchNorm's momentum 1.0 (eval uses the last training "
-                        "batch's statistics; the training function is unchanged)")
+                        help="rga_resnet50_momentum1: every BatchNorm's momentum 1.0 (eval uses the last "
+                        "training batch's statistics; the training function is unchanged)")
     parser.add_argument("--no-diagnose", dest="diagnose", action="store_false",
-                        help="skip the evaluations with only the RGA norms / only the other norms recalibrated")
+                        help="skip the evaluations with only the RGA norms / only the other norms "
+                        "recalibrated")
     parser.add_argument("--optimisers", nargs="+", default=["sgd", "adam"], choices=["sgd", "adam"])
     parser.add_argument("--recalibrate-batches", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 64x32, 1 epoch, 4 ids; nothing written")
-    parser.add_argument("--out", type=pathlib.Path, help="JSON path (default results/eval_collapse_cpu.json)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 64x32, 1 epoch, 4 ids; nothing written")
+    parser.add_argument("--out", type=pathlib.Path,
+                        help="JSON path (default results/eval_collapse_cpu.json)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.size, args.epochs, args.train_ids, args.test_ids, args.images, args.batch = (64, 32), 1, 4, 4, 2, 8
+        args.size, args.epochs, args.train_ids, args.test_ids, args.images, args.batch = (
+            (64, 32), 1, 4, 4, 2, 8)
     for name in ("batch", "epochs", "train_ids", "test_ids", "images", "recalibrate_batches", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -314,14 +325,17 @@ def main(argv=None) -> None:
         records, summary = run(args, data, lambda line: print(line, file=sys.stderr, flush=True))
     summary["wall_s"] = round(time.perf_counter() - started, 1)
     summary["load_average_1min"] = round(os.getloadavg()[0], 2)  # the wall time on a shared machine
-    config = {"size": list(args.size), "batch": args.batch, "epochs": args.epochs, "train_images": args.train_ids * 2 * args.images,
+    config = {"size": list(args.size), "batch": args.batch, "epochs": args.epochs,
+                  "train_images": args.train_ids * 2 * args.images,
                   "train_ids": args.train_ids, "test_ids": args.test_ids, "images_per_camera": args.images,
                   "recalibrate_batches": args.recalibrate_batches, "seed": args.seed, "init": "random",
                   "loss": "cross-entropy, label smoothing 0.1", "augmentation": "random horizontal flip",
                   "adam": "lr 3e-4, weight decay 5e-4", "sgd": "lr 0.01, momentum 0.9, weight decay 5e-4",
                   "head": "BNNeck (BatchNorm1d, bias fixed at 0) + bias-free linear classifier"}
-    result = {"environment": environment("cpu", args.threads), "config": config, "records": records, "summary": summary}
-    publish(result, COLUMNS, RESULTS / "eval_collapse_cpu.json", headers=HEADERS, out=args.out, write=not args.quick)
+    result = {"environment": environment("cpu", args.threads), "config": config, "records": records,
+              "summary": summary}
+    publish(result, COLUMNS, RESULTS / "eval_collapse_cpu.json", headers=HEADERS, out=args.out,
+            write=not args.quick)
 
 
 if __name__ == "__main__":

@@ -38,16 +38,16 @@ import argparse
 import json
 import pathlib
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from reid_attention import APNetS, ParameterFreeSpatialAttention, create_attention
+from reid_attention.apnet_s import stripe_loop
 from reid_attention.bench.measure import MALLOC_MODES, STEPS, set_malloc
 from reid_attention.bench.report import environment, publish
 from reid_attention.bench.suites import PAPER_SITES, failed, layer_spec, measure
-from reid_attention.apnet_s import stripe_loop
 
 COLUMNS = ["flag", "kind", "level", "site", "impl", "batch", "step_ms", "gflops", "params", "peak_mib",
            "error"]
@@ -83,7 +83,7 @@ class PfsaBound(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.a: Optional[Tensor] = None
+        self.a: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         shape = (x.shape[0], 1, *x.shape[2:])
@@ -131,7 +131,7 @@ def variant(name: str, channels: int, feat_size, impl: str, **kw: Any) -> nn.Mod
     return create_attention(name, channels, feat_size, impl=impl, **kw)
 
 
-def jobs(args) -> List[Dict[str, Any]]:
+def jobs(args) -> list[dict[str, Any]]:
     """(label, spec) of every row."""
     pfsa_sites, apnet_sites = PAPER_SITES["pfsa"], PAPER_SITES["apnet"]
     levels = tuple(args.levels)
@@ -165,11 +165,11 @@ def jobs(args) -> List[Dict[str, Any]]:
     return rows
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
-def summary(records: List[Dict[str, Any]]) -> Dict[str, Any]:
+def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Speed-ups (slower time / faster time) behind the targets, per site and summed."""
     time = {(r["kind"], r["level"], r["site"], r["impl"]): r.get("step_ms") for r in records}
 
@@ -196,7 +196,7 @@ def summary(records: List[Dict[str, Any]]) -> Dict[str, Any]:
         out[name] = {"speedup": speedup, "target": target,
                      "met": None if speedup is None or target is None else speedup >= target}
 
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     check("pfsa_fused_vs_per_sample_loop", "pfsa", "loop", "fused", 10.0)
     check("pfsa_fused_vs_reference", "pfsa", "reference", "fused", None)
     check("pfsa_loop_vs_bound", "pfsa", "loop", "bound", None)
@@ -218,7 +218,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-run-time", type=float, default=1.0)
     p.add_argument("--only", nargs="+", choices=KINDS, default=list(KINDS))
-    p.add_argument("--levels", nargs="+", type=int, choices=(2, 3), default=[2, 3], help="APNet pyramid levels")
+    p.add_argument("--levels", nargs="+", type=int, choices=(2, 3), default=[2, 3],
+                   help="APNet pyramid levels")
     p.add_argument("--step", default="optimizer", choices=STEPS, help="the timed training step")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every module (suffixes the result file with _compiled)")
@@ -254,11 +255,11 @@ def main(argv=None) -> int:
     return 1 if any(failed(r) for r in records) else 0
 
 
-def _key(record: Dict[str, Any]) -> tuple:
+def _key(record: dict[str, Any]) -> tuple:
     return record["kind"], record["level"], record["site"], record["impl"]
 
 
-def _order(record: Dict[str, Any]) -> tuple:
+def _order(record: dict[str, Any]) -> tuple:
     """Result-file order: kind, level, site in network order, then impl."""
     kinds = ("pfsa", "pfsa_pool", "apnet_c", "apnet_s")
     impls = ("loop", "reference", "fused", "bound", "mul_mean")

@@ -1,4 +1,5 @@
-"""Render the committed result files (benchmarks/results/*.json) as the markdown tables of benchmarks/README.md.
+"""Render the committed result files (benchmarks/results/*.json) as the markdown tables of
+benchmarks/README.md.
 
     python benchmarks/readme_tables.py > /tmp/tables.md
 """
@@ -12,11 +13,13 @@ from reid_attention.bench.report import format_flagged
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 HEADERS = {"step_ms": "step ms", "gflops": "GFLOP fwd", "peak_mib": "peak MiB", "fwd_ms": "fwd ms",
-           "samples_per_s": "samples/s", "memory_batch": "mem batch", "time_x": "time x", "memory_x": "memory x",
-           "params_x": "params x", "gflops_x": "FLOP x", "time_per_flop_x": "time/FLOP x",
-           "eval_ms": "eval fwd ms", "step_iqr_ms": "IQR ms", "time_x_iqr": "IQR of time x",
+           "samples_per_s": "samples/s", "memory_batch": "mem batch", "time_x": "time x",
+           "memory_x": "memory x", "params_x": "params x", "gflops_x": "FLOP x",
+           "time_per_flop_x": "time/FLOP x", "eval_ms": "eval fwd ms", "step_iqr_ms": "IQR ms",
+           "time_x_iqr": "IQR of time x",
            "time_x_over_floor": "time x / FLOP x"}
-STEPS = {"optimizer": "training step = forward, loss, backward, SGD momentum step, zero_grad(set_to_none=True)",
+STEPS = {"optimizer": "training step = forward, loss, backward, SGD momentum step, "
+                      "zero_grad(set_to_none=True)",
          "accumulate": "step = forward().backward(grad), gradients accumulating"}
 
 
@@ -28,7 +31,8 @@ def load(name: str):
 def machine(env) -> str:
     malloc = f", malloc {env['malloc']}" if "malloc" in env else ""
     step = f"; {STEPS[env['step']]}" if env.get("step") in STEPS else ""
-    return f"{env['date']}, {env['device_name']}, {env['threads']} threads, torch {env['torch']}{malloc}{step}"
+    return (f"{env['date']}, {env['device_name']}, {env['threads']} threads, "
+            f"torch {env['torch']}{malloc}{step}")
 
 
 def section(title: str, result, columns, note: str = "") -> str:
@@ -54,15 +58,16 @@ def cuda_sections():
                 "Batch 64."),
         section("CUDA: layers at their papers' sites, bfloat16 autocast", load("layers_cuda_bfloat16.json"),
                 layer_columns, "Batch 64."),
-        section("CUDA: ResNet-50 + RGA-SC (fused) vs plain ResNet-50", load("network_resnet50_rga_sc_cuda.json"),
+        section("CUDA: ResNet-50 + RGA-SC (fused) vs plain ResNet-50",
+                load("network_resnet50_rga_sc_cuda.json"),
                 ["model", "batch", "step_ms", "samples_per_s", "gflops", "memory_batch", "peak_mib", "time_x",
                  "memory_x", "gflops_x", "time_per_flop_x"], "Last stride 1, 256x128."),
         section("CUDA: the same with `memory=\"lean\"`", load("network_resnet50_rga_sc_cuda_lean.json"),
                 ["model", "batch", "step_ms", "memory_batch", "peak_mib", "time_x", "memory_x", "gflops_x",
                  "time_per_flop_x"], "Last stride 1, 256x128."),
         section("CUDA: PFSA and APNet-S comparisons", load("pyramid_sites_cuda.json"), pyramid_columns, ""),
-        section("CUDA: the same under torch.compile", load("pyramid_sites_cuda_compiled.json"), pyramid_columns,
-                "Level 2; no memory probe."),
+        section("CUDA: the same under torch.compile", load("pyramid_sites_cuda_compiled.json"),
+                pyramid_columns, "Level 2; no memory probe."),
     ]
 
 
@@ -70,12 +75,15 @@ def main() -> None:
     default = load("default_cpu.json")
     parts = [
         section("Default run (`make bench`): layers", split(default, "kind"),
-                ["kind", "site", "impl", "batch", "fwd_ms", "step_ms", "gflops", "params", "peak_mib", "error"],
-                "Each kind at one paper site (RGA and PFSA: layer1; APNet: layer3), batch 8; peak memory of one "
-                "training step at batch 8; 0.5 s of timed runs per row."),
+                ["kind", "site", "impl", "batch", "fwd_ms", "step_ms", "gflops", "params", "peak_mib",
+                 "error"],
+                "Each kind at one paper site (RGA and PFSA: layer1; APNet: layer3), batch 8; peak memory of "
+                "one training step at batch 8; 0.5 s of timed runs per row."),
         section("Default run (`make bench`): network", split(default, "model"),
-                ["model", "batch", "step_ms", "gflops", "params", "time_x", "params_x", "gflops_x", "time_per_flop_x"],
-                "ResNet-50 (last stride 1, 256x128) with fused RGA-SC at layer1..4 vs plain, one training step."),
+                ["model", "batch", "step_ms", "gflops", "params", "time_x", "params_x", "gflops_x",
+                 "time_per_flop_x"],
+                "ResNet-50 (last stride 1, 256x128) with fused RGA-SC at layer1..4 vs plain, one training "
+                "step."),
         section("RGA at the paper's four sites", load("rga_sites_cpu.json"),
                 ["kind", "site", "impl", "step_ms", "gflops", "params", "peak_mib"],
                 "Training step at batch 8; FLOPs at batch 8; peak memory of the same step at batch 32."),
@@ -84,7 +92,8 @@ def main() -> None:
             ["model", "batch", "step_ms", "samples_per_s", "gflops", "params", "memory_batch", "peak_mib",
              "time_x", "memory_x", "params_x", "gflops_x", "time_per_flop_x"],
             "Training step at batch 8; memory of the same step at batch 32. time/FLOP x = time x / FLOP x: "
-            "1.0 would mean the extra time is exactly the extra forward FLOPs (the floor of the exact maths)."),
+            "1.0 would mean the extra time is exactly the extra forward FLOPs (the floor of the exact "
+            "maths)."),
         section("The same with `memory=\"lean\"`", load("network_resnet50_rga_sc_cpu_lean.json"),
                 ["model", "batch", "step_ms", "memory_batch", "peak_mib", "time_x", "memory_x", "gflops_x",
                  "time_per_flop_x"], "`bench network --memory lean`."),
@@ -97,7 +106,8 @@ def main() -> None:
         section("The same networks timed with the accumulate-only step (`--step accumulate`)",
                 load("network_resnet50_rga_sc_cpu_accumulate.json"),
                 ["model", "batch", "step_ms", "gflops", "time_x", "gflops_x", "time_per_flop_x"],
-                "forward().backward(grad) with gradients accumulating: no loss, optimiser or freed gradients."),
+                "forward().backward(grad) with gradients accumulating: no loss, optimiser or freed "
+                "gradients."),
         section("PFSA and attention pyramids at their papers' sites", load("pyramid_sites_cpu.json"),
                 ["kind", "level", "site", "impl", "batch", "step_ms", "gflops", "peak_mib"],
                 "PFSA at batch 64, APNet at batch 8; peak memory at the timed batch."),

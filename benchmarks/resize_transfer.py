@@ -88,11 +88,13 @@ def rows(kind: str, channels: int, seeds: int, targets):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--channels", type=int, default=64, help="channels of the map (default 64)")
     parser.add_argument("--seeds", type=int, default=16, help="random fields in the batch (default 16)")
     parser.add_argument("--quick", action="store_true", help="one kind, two sizes, nothing written")
-    parser.add_argument("--out", type=pathlib.Path, help="JSON path (default results/resize_transfer_cpu.json)")
+    parser.add_argument("--out", type=pathlib.Path,
+                        help="JSON path (default results/resize_transfer_cpu.json)")
     args = parser.parse_args()
     kinds = ["rga_s"] if args.quick else ["rga_s", "rga_c", "rga_sc", "apnet_s"]
     targets = TARGETS[:2] if args.quick else TARGETS

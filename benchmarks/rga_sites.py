@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--step", default="optimizer", choices=STEPS, help="the timed training step")
     p.add_argument("--min-run-time", type=float, default=1.0)
-    p.add_argument("--compile", action="store_true", help="torch.compile each layer (suffixes the result file)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each layer (suffixes the result file)")
     p.add_argument("--quick", action="store_true", help="smoke run: one small site, batch 2")
     p.add_argument("--out", type=pathlib.Path, default=None)
     args = p.parse_args(argv)
@@ -68,9 +69,11 @@ def main(argv=None) -> int:
         sites, args.batch, args.memory_batch, args.min_run_time = [(64, (16, 8))], 2, 2, 0.05
     torch.set_num_threads(args.threads)
     records = []
-    jobs = [(k, c, fs, i) for c, fs in sites for k in ("rga_s", "rga_c", "rga_sc") for i in ("reference", "fused")]
+    jobs = [(k, c, fs, i) for c, fs in sites for k in ("rga_s", "rga_c", "rga_sc")
+            for i in ("reference", "fused")]
     for n, (kind, channels, feat_size, impl) in enumerate(jobs, 1):
-        print(f"[{n}/{len(jobs)}] {kind} {channels}:{feat_size[0]}x{feat_size[1]} {impl}", file=sys.stderr, flush=True)
+        print(f"[{n}/{len(jobs)}] {kind} {channels}:{feat_size[0]}x{feat_size[1]} {impl}", file=sys.stderr,
+              flush=True)
         spec = layer_spec(kind, channels, feat_size, batch=args.batch, impl=impl, device=args.device,
                           threads=args.threads, step=args.step, compile=args.compile,
                           autocast=None if args.dtype == "float32" else args.dtype)
@@ -79,7 +82,8 @@ def main(argv=None) -> int:
     env.update(batch=args.batch, memory_batch=args.memory_batch, step=args.step, dtype=args.dtype,
                compiled=args.compile)
     result = {"environment": env, "summary": summary(records), "records": records}
-    suffix = "".join(["" if args.dtype == "float32" else f"_{args.dtype}", "_compiled" if args.compile else ""])
+    suffix = "".join(["" if args.dtype == "float32" else f"_{args.dtype}",
+                      "_compiled" if args.compile else ""])
     publish(result, COLUMNS, RESULTS / f"rga_sites_{args.device.split(':')[0]}{suffix}.json", headers=HEADERS,
             out=args.out, write=not args.quick)
     return 1 if any(failed(r) for r in records) else 0

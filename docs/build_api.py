@@ -24,8 +24,9 @@ import pkgutil
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 PACKAGE = "reid_attention"
 ROLE = re.compile(r"(?::py)?:(?:class|func|meth|attr|mod|data|const|obj|exc):`([^`]+)`")

@@ -21,11 +21,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 
 import reid_attention as ra
 

@@ -11,7 +11,6 @@ small real models (``check_real_step``).
 from __future__ import annotations
 
 import copy
-from typing import List
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +25,7 @@ SIZES = ((256, 128), (128, 64), (224, 224))
 BATCH = 2  # APNet-C trains with batch >= 2
 
 
-def tensors(out: object) -> List[Tensor]:
+def tensors(out: object) -> list[Tensor]:
     """The tensors of a model's output: a tensor, or a list / tuple / dict of them (timm's
     features_only models return one map per stage)."""
     if isinstance(out, Tensor):

@@ -17,13 +17,14 @@ from reid_attention.bench import jobs
 from reid_attention.bench.args import build_parser, help_text, parse_sites
 from reid_attention.bench.cli import main
 from reid_attention.bench.jobs import with_overhead
-from reid_attention.bench.render import LAYER_COLUMNS, render
 from reid_attention.bench.measure import count_flops, is_out_of_memory, peak_memory, train_step
+from reid_attention.bench.render import LAYER_COLUMNS, render
 from reid_attention.bench.suites import failed, layer_spec, measure, unreliable_reasons
 
 TINY = ["--kind", "rga_sc", "--sites", "64:16x8", "--batch", "2", "--repeat", "0.01", "--quiet"]
-RECORD_FIELDS = {"kind", "site", "impl", "batch", "dtype", "step", "fwd_ms", "fwd_runs", "step_ms", "step_iqr_ms",
-                 "step_runs", "samples_per_s", "gflops", "params", "memory_batch", "peak_mib", "unreliable"}
+RECORD_FIELDS = {"kind", "site", "impl", "batch", "dtype", "step", "fwd_ms", "fwd_runs", "step_ms",
+                 "step_iqr_ms", "step_runs", "samples_per_s", "gflops", "params", "memory_batch", "peak_mib",
+                 "unreliable"}
 PAPER_RGA_SITES = [(256, (64, 32)), (512, (32, 16)), (1024, (16, 8)), (2048, (16, 8))]
 
 
@@ -96,7 +97,8 @@ def test_cli_layers_every_format(fmt, capsys, tmp_path):
     elif fmt == "markdown":
         assert "| kind | site | impl |" in text and "| rga_sc | 64:16x8 | fused |" in text
     else:
-        assert "step ms" in text and "rga_sc" in text and "2 x multiply-adds" in text and "SGD momentum" in text
+        assert ("step ms" in text and "rga_sc" in text and "2 x multiply-adds" in text
+                and "SGD momentum" in text)
 
 
 def test_cli_layers_memory_modes(capsys):
@@ -153,10 +155,11 @@ def test_out_of_memory_is_recorded_not_raised():
 
 
 def test_module_entry_point():
-    done = subprocess.run([sys.executable, "-m", "reid_attention", "bench", "layers", *TINY, "--format", "json",
-                           "--impl", "fused"], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-m", "reid_attention", "bench", "layers", *TINY, "--format",
+                           "json", "--impl", "fused"], capture_output=True, text=True, check=True)
     assert json.loads(done.stdout)["records"][0]["impl"] == "fused"
-    bad = subprocess.run([sys.executable, "-m", "reid_attention", "frobnicate"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "reid_attention", "frobnicate"], capture_output=True,
+                         text=True)
     assert bad.returncode == 2
     assert bad.stderr == "reid-attention: error: unknown command 'frobnicate'; expected bench or sites\n"
 
@@ -330,12 +333,14 @@ def test_exit_status_of_the_cli(monkeypatch, capsys, error, oom, status):
 
 
 @pytest.mark.parametrize("fields,expected", [
-    ({"step_ms": 10.0, "step_iqr_ms": 1.0, "step_runs": 5, "fwd_ms": 4.0, "fwd_iqr_ms": 0.2, "fwd_runs": 9}, []),
+    ({"step_ms": 10.0, "step_iqr_ms": 1.0, "step_runs": 5, "fwd_ms": 4.0, "fwd_iqr_ms": 0.2, "fwd_runs": 9},
+     []),
     ({"step_ms": 10.0, "step_iqr_ms": 2.0, "step_runs": 5}, []),  # exactly 20%: not above
     ({"step_ms": 10.0, "step_iqr_ms": 0.0, "step_runs": 1}, ["step: a single measured block"]),
     ({"step_ms": 10.0, "step_iqr_ms": 2.5, "step_runs": 5}, ["step: IQR 25% of the median"]),
     ({"step_ms": 10.0, "step_iqr_ms": 1.0, "step_runs": 5, "fwd_ms": 12.0, "fwd_iqr_ms": 4.0, "fwd_runs": 1},
-     ["forward: a single measured block", "forward: IQR 33% of the median", "forward slower than the whole step"]),
+     ["forward: a single measured block", "forward: IQR 33% of the median",
+      "forward slower than the whole step"]),
     ({}, []),  # nothing timed (an out-of-memory row): nothing to judge
 ])
 def test_unreliable_reasons(fields, expected):
@@ -349,7 +354,8 @@ def _result(records):
 
 
 def test_unreliable_rows_are_flagged_in_every_format():
-    rows = [_fake_row(unreliable=[]), _fake_row(impl="reference", unreliable=["step: a single measured block"])]
+    rows = [_fake_row(unreliable=[]),
+            _fake_row(impl="reference", unreliable=["step: a single measured block"])]
     table = render(_result(rows), "table").splitlines()
     body = [line for line in table if "rga_sc" in line and "64:16x8" in line and not line.startswith("! rga")]
     assert [line.startswith("!") for line in body] == [False, True]
@@ -394,7 +400,8 @@ if not torch.cuda.is_available():
     BAD_ARGUMENTS.append((["layers", "--device", "cuda"], "CUDA is not available here"))
 
 
-@pytest.mark.parametrize("argv,expected", BAD_ARGUMENTS, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
+@pytest.mark.parametrize("argv,expected", BAD_ARGUMENTS,
+                         ids=lambda a: " ".join(a) if isinstance(a, list) else "")
 def test_bad_arguments_get_one_line_and_status_2(argv, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -409,7 +416,8 @@ def test_output_paths_are_checked_before_any_row(tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     cases = [
-        (["layers", "--out", f"{a_file}/r.json"], f"--out: cannot write '{a_file}/r.json': '{a_file}' is not a"),
+        (["layers", "--out", f"{a_file}/r.json"],
+         f"--out: cannot write '{a_file}/r.json': '{a_file}' is not a"),
         (["network", "--out", str(tmp_path)], f"--out: '{tmp_path}' is a directory"),
         (["sweep", "--plot", f"{a_file}/deeper/x.png"], f"--plot: cannot write '{a_file}/deeper/x.png'"),
     ]

@@ -20,13 +20,13 @@ import pickle
 import pytest
 import torch
 import torchvision.models as tvm
+from insertion_checks import inserted
+from real_models import REAL
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import reid_attention as ra
-from insertion_checks import inserted
-from real_models import REAL
 from reid_attention._attach import AttentionSequential
 from reid_attention.insert import fx_leaf_modules
 
@@ -147,7 +147,8 @@ def test_slices_and_types_of_a_stage():
     ra.insert_attention(model, scale_by(2.0), sites=["layer4"], input_size=(64, 32))
     assert len(model.layer4) == 2 and list(model.layer4) == blocks
     assert model.layer4[-1] is blocks[-1] and model.layer4[0] is blocks[0]
-    assert isinstance(model.layer4, nn.Sequential) and type(model.layer4).__name__ == "SequentialWithAttention"
+    assert (isinstance(model.layer4, nn.Sequential)
+            and type(model.layer4).__name__ == "SequentialWithAttention")
     whole = model.layer4[:]  # the blocks, as in the plain model: the stage's attention is in no slice
     assert type(whole) is nn.Sequential and list(whole._modules) == ["0", "1"]
     assert model.layer4.attention not in model.layer4 and blocks[1] in model.layer4
@@ -207,7 +208,8 @@ def test_grad_cam_target_sees_the_block_output(family, monkeypatch):
     with torch.no_grad():
         reference = plain(x)
     if family in ("resnet18", "resnext"):
-        assert [targets[f"layer{i}"] is model.get_submodule(f"layer{i}")[-1] for i in (1, 2, 3, 4)] == [True] * 4
+        assert ([targets[f"layer{i}"] is model.get_submodule(f"layer{i}")[-1] for i in (1, 2, 3, 4)]
+                == [True] * 4)
     assert targets or family == "googlenet", "no container site"  # GoogLeNet's sites are swapped modules
 
     for site, target in targets.items():
@@ -255,7 +257,8 @@ def test_create_feature_extractor_with_the_library_layers():
     ra.insert_attention(model, "rga_s", sites=["layer4"], input_size=(64, 32))
     x = torch.randn(2, 3, 64, 32)
     leaves = {"leaf_modules": fx_leaf_modules(model)}
-    extractor = create_feature_extractor(model, {"layer4": "stage", "layer4.1": "block"}, tracer_kwargs=leaves)
+    extractor = create_feature_extractor(model, {"layer4": "stage", "layer4.1": "block"},
+                                         tracer_kwargs=leaves)
     with torch.no_grad():
         out = extractor(x)
         torch.testing.assert_close(out["stage"], model.layer4.attention(out["block"]))
@@ -348,10 +351,12 @@ def test_copies_keep_the_containers():
         buffer.seek(0)
         with torch.no_grad():
             expected = net(x)
-            for clone in (copy.deepcopy(net), pickle.loads(pickle.dumps(net)), torch.load(buffer, weights_only=False)):
+            for clone in (copy.deepcopy(net), pickle.loads(pickle.dumps(net)),
+                          torch.load(buffer, weights_only=False)):
                 assert list(clone.state_dict()) == list(net.state_dict())
                 for (name, a), b in zip(containers(net).items(), containers(clone).values()):
-                    assert type(a) is type(b) and len(a) == len(b) and list(a._modules) == list(b._modules), name
+                    assert (type(a) is type(b) and len(a) == len(b)
+                            and list(a._modules) == list(b._modules)), name
                 torch.testing.assert_close(clone(x), expected)
     assert len(stage.layer1) == 2 and "layer1.attention.se.fc.0.weight" in stage.state_dict()
 

@@ -19,15 +19,15 @@ from helpers import (
     FORWARD_TOL,
     KINDS,
     SIZE_TIED,
+    U32,
+    RoundingProbe,
     assert_gates_vary,
     assert_same_step,
     build,
     kind_impl_params,
     make_input,
     relative_error,
-    RoundingProbe,
     run_step,
-    U32,
 )
 
 import reid_attention as ra
@@ -189,7 +189,8 @@ def _rounding_envelope(module: torch.nn.Module, x: torch.Tensor):
         with RoundingProbe(seed) as probe:
             got = run_step(copy.deepcopy(module), x)
         deviation = [max(d, relative_error(a, b)) for d, a, b in zip(deviation, got[:2], want[:2])]
-        moved = [torch.maximum(m, (a - b).abs()) for m, a, b in zip(moved, probe.relu_inputs, exact.relu_inputs)]
+        moved = [torch.maximum(m, (a - b).abs())
+                 for m, a, b in zip(moved, probe.relu_inputs, exact.relu_inputs)]
     kink = any((v.abs() < ROUNDING_FACTOR * m).any().item() for v, m in zip(exact.relu_inputs, moved))
     return want, deviation, kink
 

@@ -211,8 +211,11 @@ def test_ddp_ranks_agree_and_match_the_maths(ddp_runs, preset, mode):
         assert record["ranks_equal"], f"rank {rank}'s parameters differ from rank 0's after {STEPS} steps"
     record = ranks[0]
     assert len(record["grad_error"]) == STEPS
-    assert max(record["grad_error"]) <= GRAD_TOL, f"DDP gradient vs one process, per step: {record['grad_error']}"
-    assert max(record["loss_error"]) <= GRAD_TOL, f"mean rank loss vs one process, per step: {record['loss_error']}"
+    assert max(record["grad_error"]) <= GRAD_TOL, (
+        f"DDP gradient vs one process, per step: {record['grad_error']}")
+    assert max(record["loss_error"]) <= GRAD_TOL, (
+        f"mean rank loss vs one process, per step: {record['loss_error']}")
     if mode == "train_norms":
         gap = min(record["full_batch_gap"])
-        assert gap > 1e3 * GRAD_TOL, f"train-mode BatchNorm: full-batch statistics should differ, by {gap:.2e}"
+        assert gap > 1e3 * GRAD_TOL, (
+            f"train-mode BatchNorm: full-batch statistics should differ, by {gap:.2e}")

@@ -184,9 +184,10 @@ def test_autocast_close_to_float32(kind, impl, device, dtype, train, scale):
     the rounding this computation does in these formats, the same on every CPU: up to 6 u for the
     output, tens of u for the gradients, 120-190 u for the fp16 parameter gradients of RGA-S,
     RGA-C and both APNets: the function is that sensitive to bf16 / fp16 rounding of its input and
-    weights, whatever the kernels (the real errors were 0.9-1.05x the modelled ones on AMD). Asserted: ROUNDING_FACTOR times it, + 4 float32 units for the float32 result (paths
-    that run in float32 under autocast, PFSA and the fused APNet-C, are modelled at float32's
-    rounding). Calibrated BatchNorm statistics: eval mode behaves like a trained network's.
+    weights, whatever the kernels (the real errors were 0.9-1.05x the modelled ones on AMD).
+    Asserted: ROUNDING_FACTOR times it, + 4 float32 units for the float32 result (paths that run in
+    float32 under autocast, PFSA and the fused APNet-C, are modelled at float32's rounding).
+    Calibrated BatchNorm statistics: eval mode behaves like a trained network's.
     """
     _skip_without(device)
     x = make_input(4, dtype=torch.float32, scale=scale).to(device)

@@ -102,7 +102,8 @@ def test_readme_citation_is_well_formed_bibtex():
         assert entry.count("{") == entry.count("}") and entry.rstrip().endswith("}"), entry
         fields = dict(re.findall(r"^\s+(\w+)\s*=\s*\{(.*)\},?$", entry, re.MULTILINE))
         assert {"title", "author", "year", "eprint"} <= set(fields), entry
-        assert fields["title"] in readme.split("\n## Citation\n", 1)[0], f"{fields['title']} not in the layers table"
+        assert fields["title"] in readme.split("\n## Citation\n", 1)[0], (
+            f"{fields['title']} not in the layers table")
         eprints.add(fields["eprint"])
     assert eprints == {"1904.02998", "1811.12150", "2108.05340"}
 
@@ -135,6 +136,7 @@ def test_relative_links_in_the_documentation_resolve():
                 if target.relative_to(ROOT).as_posix() in ("tools/compat_results.md",):
                     continue  # written by `make test-compat`
                 broken.append(f"{page.relative_to(ROOT)}: {link} (no such file)")
-            elif anchor and target.suffix == ".md" and anchor not in _anchors(target.read_text(encoding="utf-8")):
+            elif (anchor and target.suffix == ".md"
+                  and anchor not in _anchors(target.read_text(encoding="utf-8"))):
                 broken.append(f"{page.relative_to(ROOT)}: {link} (no such heading)")
     assert not broken, broken

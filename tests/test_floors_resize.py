@@ -5,10 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
-from hypothesis import strategies as st
-
-import reid_attention as ra
 from helpers import (
     FORWARD_TOL,
     MIN_GATE_SPREAD,
@@ -19,6 +15,10 @@ from helpers import (
     run_step,
     twins,
 )
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reid_attention as ra
 
 RGA_KINDS = {"rga_s": (True, False), "rga_c": (False, True), "rga_sc": (True, True)}
 PAPER_SITES = [(256, (64, 32)), (512, (32, 16)), (1024, (16, 8)), (2048, (16, 8))]
@@ -135,7 +135,8 @@ def test_resized_keeps_keys_widths_and_the_original(kind):
     assert list(big.state_dict()) == list(before)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # untouched
     assert (big.impl, big.training, big.feat_size) == ("reference", False, (12, 6))
-    positional = ("gg_spatial.0.weight", "theta_channel.0.weight", "phi_channel.0.weight", "gx_channel.0.weight")
+    positional = ("gg_spatial.0.weight", "theta_channel.0.weight", "phi_channel.0.weight",
+                  "gx_channel.0.weight")
     for key, value in big.state_dict().items():
         assert value.dtype == before[key].dtype
         if not key.endswith(positional):

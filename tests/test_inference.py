@@ -15,7 +15,6 @@ from helpers import (
 )
 from torch import nn
 
-import reid_attention as ra
 from reid_attention.inference import fold_batchnorm_scales
 
 # float64: folding reorders a few multiplications (helpers.FORWARD_TOL: the modelled rounding of

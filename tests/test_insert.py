@@ -14,12 +14,12 @@ import pickle
 import pytest
 import torch
 import torchvision.models as tvm
+from insertion_checks import KINDS, SIZES, check_default_insertion, check_real_step
+from real_models import REAL
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import reid_attention as ra
-from insertion_checks import KINDS, SIZES, check_default_insertion, check_real_step
-from real_models import REAL
 from reid_attention._checks import SITE_ATTR, ArgumentError
 from reid_attention.insert import NHWCAdapter, fx_leaf_modules
 

@@ -13,11 +13,12 @@ import copy
 
 import pytest
 import torch
+from helpers import ROUNDING_FACTOR, U64, assert_same_step, max_abs, randomize_bn, rounding_envelope, run_step
 from torch import nn
 
 import reid_attention as ra
-from helpers import ROUNDING_FACTOR, U64, assert_same_step, max_abs, randomize_bn, rounding_envelope, run_step
-from reid_attention._relation import fused, lean as embedding
+from reid_attention._relation import fused
+from reid_attention._relation import lean as embedding
 
 SIZE_TIED = ["rga_s", "rga_c", "rga_sc", "apnet_s"]
 
@@ -87,7 +88,8 @@ def test_lean_with_sync_batchnorm_runs_each_norm_once():
         if isinstance(m, nn.SyncBatchNorm):
             m.register_forward_hook(lambda mod, args, out: calls.append(mod))
     module(x_()).sum().backward()
-    assert len(calls) == len({id(m) for m in calls}) == sum(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
+    assert len(calls) == len({id(m) for m in calls}) == sum(
+        isinstance(m, nn.SyncBatchNorm) for m in module.modules())
 
 
 def test_memory_validation_and_no_grad():
@@ -166,7 +168,8 @@ def _embedding_inputs(affine: bool, train: bool, n_inner: int = 3):
     theta_phi = torch.rand(batch, groups, 2, d_inner, n, generator=g, dtype=torch.float64)
     w_gg = torch.randn(groups, n_inner, 2 * n, generator=g, dtype=torch.float64)
     w1e = torch.randn(groups, k, n_inner, generator=g, dtype=torch.float64)
-    norms = [randomize_bn(nn.BatchNorm1d(n_inner, affine=affine).double()).train(train) for _ in range(groups)]
+    norms = [randomize_bn(nn.BatchNorm1d(n_inner, affine=affine).double()).train(train)
+             for _ in range(groups)]
     return theta_phi, w_gg, w1e, norms
 
 
@@ -227,7 +230,8 @@ def test_lean_embedding_equals_autograd_form(affine, train, n_inner, chunks):
     for i, (got, want, d_got, d_want) in enumerate(zip(lean, ref, dev_lean, dev_ref)):
         error = max_abs(got, want)
         assert error <= ROUNDING_FACTOR * (d_got + d_want), (i, error, d_got, d_want)
-    assert torch.autograd.gradcheck(lambda *t: embedding.LeanEmbedding.apply(*t[:3], *params(t), norms, []), inputs)
+    assert torch.autograd.gradcheck(
+        lambda *t: embedding.LeanEmbedding.apply(*t[:3], *params(t), norms, []), inputs)
 
 
 def test_lean_embedding_recomputation_reuses_the_first_run():

@@ -11,11 +11,11 @@ import copy
 
 import pytest
 import torch
+from helpers import FORWARD_TOL, assert_same_step, randomize_bn, run_step, twins
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import reid_attention as ra
-from helpers import FORWARD_TOL, assert_same_step, randomize_bn, run_step, twins
 from reid_attention._norm import norm_channels, one_kernel
 
 KINDS_WITH_NORMS = ["rga_s", "rga_c", "rga_sc", "apnet_c", "apnet_s"]
@@ -70,7 +70,8 @@ def test_every_sync_batchnorm_runs_once_per_call(kind, impl, train):
     for m in syncs:
         m.register_forward_hook(lambda mod, args, out: calls.__setitem__(id(mod), calls[id(mod)] + 1))
     module(make_x()).sum().backward()
-    assert sorted(set(calls.values())) == [1], f"{sum(v == 0 for v in calls.values())} of {len(calls)} not run"
+    assert sorted(set(calls.values())) == [1], (
+        f"{sum(v == 0 for v in calls.values())} of {len(calls)} not run")
 
 
 @pytest.mark.parametrize("kind", KINDS_WITH_NORMS)
@@ -167,7 +168,8 @@ def test_norm_channels_equals_calling_each_module(group):
     x = torch.randn(5, 3 * len(norms), 7, dtype=torch.float64)
     for _ in range(2):  # twice: the counters and cumulative averages move
         y = norm_channels(x, norms)
-        expected = torch.cat([m(p.unsqueeze(-1)).squeeze(-1) for m, p in zip(twins_, x.chunk(len(norms), 1))], 1)
+        expected = torch.cat([m(p.unsqueeze(-1)).squeeze(-1)
+                              for m, p in zip(twins_, x.chunk(len(norms), 1))], 1)
         torch.testing.assert_close(y, expected, **FORWARD_TOL)  # one kernel vs one per module
     for a, b in zip(norms, twins_):
         for (name, va), vb in zip(a.state_dict().items(), b.state_dict().values()):

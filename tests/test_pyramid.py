@@ -6,11 +6,6 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-import reid_attention as ra
-import reid_attention.apnet_s as apnet_s_module
 from helpers import (
     GRADCHECK,
     assert_gates_vary,
@@ -20,7 +15,12 @@ from helpers import (
     run_step,
     twins,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from official_rga import official_forward
+
+import reid_attention as ra
+import reid_attention.apnet_s as apnet_s_module
 
 RGA_KW = dict(channel_ratio=2, spatial_ratio=2, down_ratio=2)  # small maps, non-empty widths
 

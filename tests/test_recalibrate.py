@@ -134,7 +134,8 @@ def test_momentum_keeps_the_old_statistics_and_updates_them():
     expected = direct_average(net, batches)
     ra.recalibrate_norms(net, batches, momentum=0.25)
     for m, (mean, var, count) in zip(norms(net), old):
-        torch.testing.assert_close(m.running_mean, 0.75 * mean + 0.25 * expected[m][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(m.running_mean, 0.75 * mean + 0.25 * expected[m][0],
+                                   rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(m.running_var, 0.75 * var + 0.25 * expected[m][1], rtol=1e-12, atol=1e-12)
         assert int(m.num_batches_tracked) == count + 1
         assert m.momentum == 0.1
@@ -152,7 +153,8 @@ def test_wrong_statistics_give_back_the_training_mode_outputs():
     with torch.no_grad():
         target = copy.deepcopy(net).train()(x)
         before = net.eval()(x)
-    error = lambda out: ((out - target).norm() / target.norm()).item()
+    def error(out):
+        return ((out - target).norm() / target.norm()).item()
     assert error(before) > 0.5
     ra.recalibrate_norms(net, [x])
     with torch.no_grad():
@@ -169,7 +171,8 @@ def test_rga_paths_recalibrate_alike(impl):
     layer = randomize(ra.RGA(16, (6, 4), impl=impl).to(F64))
     reference = copy.deepcopy(layer)
     reference.impl = "reference"
-    batches = [torch.randn(4, 16, 6, 4, dtype=F64, generator=torch.Generator().manual_seed(i)) + i for i in range(3)]
+    batches = [torch.randn(4, 16, 6, 4, dtype=F64, generator=torch.Generator().manual_seed(i)) + i
+               for i in range(3)]
     ra.recalibrate_norms(layer, batches)
     for m in norms(reference):
         m.reset_running_stats()
@@ -216,9 +219,11 @@ def test_bad_batches_are_refused_and_nothing_changes():
         ra.recalibrate_norms(net, make_batches(), num_batches=0)
     with pytest.raises(ValueError, match=r"momentum must be None .* or a float in \(0, 1\], got 1.5"):
         ra.recalibrate_norms(net, make_batches(), momentum=1.5)
-    with pytest.raises(KeyError, match=r"batch 0 is a dict without an image entry.*\('img', 'images'\).*\['x'\]"):
+    with pytest.raises(KeyError,
+                       match=r"batch 0 is a dict without an image entry.*\('img', 'images'\).*\['x'\]"):
         ra.recalibrate_norms(net, [{"x": make_batches()[0]}])
-    with pytest.raises(TypeError, match="batch 1 must be an image tensor.*got str"):  # fails after a batch ran
+    # fails after a batch ran
+    with pytest.raises(TypeError, match="batch 1 must be an image tensor.*got str"):
         ra.recalibrate_norms(net, [make_batches()[0], ("not an image",)])
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         ra.recalibrate_norms(lambda x: x, make_batches())
@@ -297,7 +302,8 @@ def _reid_data():
     try:
         return importlib.import_module("reid_data")
     except ImportError:  # not yet on sys.path: the integration tests' helper, by its path
-        spec = importlib.util.spec_from_file_location("reid_data", ROOT / "tests" / "integrations" / "reid_data.py")
+        spec = importlib.util.spec_from_file_location("reid_data",
+                                                      ROOT / "tests" / "integrations" / "reid_data.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules["reid_data"] = module
         spec.loader.exec_module(module)
@@ -321,8 +327,8 @@ def test_the_recipe_runs_in_torchreids_engine(tmp_path, capsys):
     class Synthetic(torchreid.data.ImageDataset):
         def __init__(self, root="", **kwargs):
             train = reid_data.read_split(data.train_dir, relabel=True)
-            super().__init__(train, reid_data.read_split(data.query_dir), reid_data.read_split(data.gallery_dir),
-                             **kwargs)
+            super().__init__(train, reid_data.read_split(data.query_dir),
+                             reid_data.read_split(data.gallery_dir), **kwargs)
 
     try:
         torchreid.data.register_image_dataset(name, Synthetic)
@@ -356,7 +362,8 @@ def test_the_recipe_runs_in_torchreids_engine(tmp_path, capsys):
 
 
 def test_recipe_code_is_short():
-    lines = [line for line in recipe_code().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    lines = [line for line in recipe_code().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
     assert len(lines) <= 8, lines
     assert "ra.recalibrate_norms(self.model, self.datamanager.train_loader, num_batches=10)" in recipe_code()
 

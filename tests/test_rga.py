@@ -6,10 +6,6 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
-
-import reid_attention as ra
 from helpers import (
     GRADCHECK,
     ROUNDING_FACTOR,
@@ -25,7 +21,11 @@ from helpers import (
     run_step,
     twins,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 from official_rga import official_forward
+
+import reid_attention as ra
 
 KINDS = {"rga_s": (True, False), "rga_c": (False, True), "rga_sc": (True, True)}
 PAPER_SITES = [(256, (64, 32)), (512, (32, 16)), (1024, (16, 8)), (2048, (16, 8))]
@@ -226,10 +226,11 @@ def test_autocast_large_activations(impl, kind, dtype, train):
     :class:`helpers.RoundingProbe`, rounding every op's inputs and results to those formats; the
     worst norm-wise and largest-element deviations of PROBE_SEEDS such runs from the exact output
     (0.8-1.9 u and 1.9-5.3 u of max |y| here; the real errors were at most 1.02x those on AMD)
-    bound the real errors after ROUNDING_FACTOR, + 4 float32 units for the float32 result. The tolerance follows the recorded formats, so which
-    ops run in ``dtype`` is asserted on its own: matrix products and convolutions only (norms,
-    ReLUs, gates in float32); a lost float16 island also shows as the overflow of test_deploy's
-    raw-statistics case (products of activations in the hundreds).
+    bound the real errors after ROUNDING_FACTOR, + 4 float32 units for the float32 result. The
+    tolerance follows the recorded formats, so which ops run in ``dtype`` is asserted on its own:
+    matrix products and convolutions only (norms, ReLUs, gates in float32); a lost float16 island
+    also shows as the overflow of test_deploy's raw-statistics case (products of activations in the
+    hundreds).
     """
     spatial, channel = KINDS[kind]
     torch.manual_seed(0)

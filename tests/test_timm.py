@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from insertion_checks import SIZES, check_default_insertion, check_real_step, tensors
 
 import reid_attention as ra
-from insertion_checks import SIZES, check_default_insertion, check_real_step, tensors
 
 timm = pytest.importorskip("timm")
 

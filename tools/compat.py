@@ -533,14 +533,17 @@ def write_results(path: Path, rows: list[dict]) -> None:
     out = [
         "# Version matrix (`make test-compat`)",
         "",
-        "Written by `tools/compat.py`; do not edit by hand (rows of entries not run in the latest call are kept).",
+        (
+            "Written by `tools/compat.py`; do not edit by hand (rows of entries not run in the latest call "
+            "are kept)."
+        ),
         (
             f"Tests: {', '.join(Path(f).name for f in TEST_FILES)}; HYPOTHESIS_PROFILE=ci. "
             "'not run': files left out because they import torchvision and the entry has none."
         ),
         (
-            f"Machine of the latest run: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, no GPU used "
-            "(PyPI's CUDA builds run on the CPU)."
+            f"Machine of the latest run: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+            "no GPU used (PyPI's CUDA builds run on the CPU)."
         ),
         "",
         table(rows),
@@ -553,7 +556,8 @@ def write_results(path: Path, rows: list[dict]) -> None:
         out.append(f"- **{r['name']}**: {r.get('note', '')}".rstrip())
         if r.get("source"):
             out.append(
-                f"  - source: {r['source']}; install {r.get('install_s', '?')} s, tests {r.get('test_s', '-')} s"
+                f"  - source: {r['source']}; install {r.get('install_s', '?')} s, "
+                f"tests {r.get('test_s', '-')} s"
             )
         if r.get("remark"):
             out.append(f"  - remark: {r['remark']}")
@@ -653,7 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.time()
     for e in entries:
         log(
-            f"== {e['name']}: python {e['python']}, torch {e['torch']}, torchvision {e.get('torchvision') or '-'}, "
+            f"== {e['name']}: python {e['python']}, torch {e['torch']}, "
+            f"torchvision {e.get('torchvision') or '-'}, "
             f"einops {e.get('einops') or 'newest'}"
         )
         rows.append(

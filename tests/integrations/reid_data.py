@@ -118,7 +118,8 @@ def _person(pid: int, camera: int, index: int, total_ids: int, size: tuple[int, 
     for s in range(stripes):
         y = top + (2 * s + 1) * band
         image[max(y, 0):max(y + band, 0), max(left, 0):right] *= 0.45
-    image[max(top - h // 8, 0):max(top, 0), w // 2 - w // 8 + dx:w // 2 + w // 8 + dx] = (224, 180, 150)  # head
+    # head
+    image[max(top - h // 8, 0):max(top, 0), w // 2 - w // 8 + dx:w // 2 + w // 8 + dx] = (224, 180, 150)
     image *= (1.1, 0.8, 1.0, 0.9, 1.2, 0.7)[camera % 6]  # each camera its own brightness
     image += 12.0 * rng.standard_normal((h, w, 3))
     return np.clip(image, 0, 255).astype(np.uint8)

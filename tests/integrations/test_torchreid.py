@@ -87,7 +87,8 @@ def train_and_evaluate(torchreid, market1501, tmp_path, capsys, name, loss="soft
     assert abs(100 * float(rank1) - float(printed_rank1.group(1))) <= 0.051
     cmc = ", ".join(f"rank-{r} {v}%" for r, v in re.findall(r"Rank-(\d+)\s*:\s*([\d.]+)%", out))
     with capsys.disabled():
-        print(f"\n[torchreid] {name} loss={loss}: 1 epoch; torchreid's evaluator: mAP {printed_map.group(1)}%, {cmc}")
+        print(f"\n[torchreid] {name} loss={loss}: 1 epoch; torchreid's evaluator: "
+              f"mAP {printed_map.group(1)}%, {cmc}")
     return model, datamanager, checkpoint
 
 
@@ -181,7 +182,8 @@ def test_input_size_is_the_registered_one(torchreid):
     with torch.no_grad(), pytest.raises(ValueError, match=r"\(16, 8\)|16x8"):
         model(torch.randn(2, 3, 128, 64))  # built for 64x32 images: layer1's 16x8 map
     # a direct factory call may name another size
-    model = vars(torchreid.models)["__model_factory"]["resnet18_rga_sc"](3, pretrained=False, input_size=(128, 64))
+    model = vars(torchreid.models)["__model_factory"]["resnet18_rga_sc"](3, pretrained=False,
+                                                                         input_size=(128, 64))
     with torch.no_grad():
         assert model.eval()(torch.randn(2, 3, 128, 64)).shape == (2, 512)
 
@@ -271,7 +273,8 @@ def test_missing_extra_is_one_line(hidden, package):
             "from reid_attention._extras import MissingExtraError\n"
             "try:\n    register_models()\n"
             "except MissingExtraError as err:\n    print(json.dumps([err.name, str(err)]))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     name, message = json.loads(done.stdout.strip().splitlines()[-1])
     assert name == package
