@@ -58,7 +58,8 @@ import functools
 import os
 import pickle
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from types import ModuleType
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -66,6 +67,7 @@ from torch import Tensor, nn
 
 from .._checks import SizeLike, pair
 from .._extras import MissingExtraError, require
+from ..presets import VARIANTS
 
 __all__ = [
     "PRESETS",
@@ -78,18 +80,12 @@ __all__ = [
 ]
 
 LOSSES = ("softmax", "triplet")
-#: The preset names and the keyword arguments of the preset function each stands for.
-PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "rga_resnet50": ("rga_resnet50", {}),
-    "rga_s_resnet50": ("rga_resnet50", {"channel": False}),
-    "rga_c_resnet50": ("rga_resnet50", {"spatial": False}),
-    "apnet_resnet50": ("apnet_resnet50", {}),
-    "apnet_s_resnet50": ("apnet_resnet50", {"variant": "s"}),
-}
+#: The preset names, each the preset function and the arguments it fixes (``presets.VARIANTS``).
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = VARIANTS
 _EXTRA = "torchreid"
 
 
-def _import_torchreid(feature: str):
+def _import_torchreid(feature: str) -> ModuleType:
     """torchreid, or a one-line MissingExtraError (also for the dependencies its wheel omits)."""
     try:
         return require("torchreid", feature=feature, extra=_EXTRA)
@@ -176,7 +172,8 @@ class _PooledMap(nn.Module):
         self.dims = (1, 2) if layout == "NHWC" else (2, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(x)[self.node].mean(self.dims)
+        maps: dict[str, Tensor] = self.body(x)
+        return maps[self.node].mean(self.dims)
 
 
 class TorchreidModel(nn.Module):
@@ -189,7 +186,8 @@ class TorchreidModel(nn.Module):
     features torchreid's evaluator ranks.
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, loss: str = "softmax") -> None:
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int,
+                 loss: str = "softmax") -> None:
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES} (torchreid's engines), got {loss!r}")
@@ -202,16 +200,16 @@ class TorchreidModel(nn.Module):
         self.classifier = nn.Linear(feature_dim, num_classes, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.001)
 
-    def forward(self, x: Tensor):
-        features = self.backbone(x)
-        neck = self.bnneck(features)
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        features: Tensor = self.backbone(x)
+        neck: Tensor = self.bnneck(features)
         if not self.training:
             return neck
-        logits = self.classifier(neck)
+        logits: Tensor = self.classifier(neck)
         return logits if self.loss == "softmax" else (logits, features)
 
 
-def _imagenet_weights(arch: str, download: bool):
+def _imagenet_weights(arch: str, download: bool) -> Any:
     """torchvision's ImageNet weights enum member for ``arch``, checked to be in the torch hub
     cache unless ``download`` (torchvision then fetches a missing file)."""
     from torchvision.models import get_model_weights
@@ -236,7 +234,8 @@ def _leaf_modules(model: nn.Module) -> list[type]:
 
     leaves = list(fx_leaf_modules(model))
     for module in model.modules():
-        if (isinstance(getattr(module, "attention", None), nn.Module) and not isinstance(module, nn.Sequential)
+        if (isinstance(getattr(module, "attention", None), nn.Module)
+                and not isinstance(module, nn.Sequential)
                 and not isinstance(module, tuple(leaves))):
             leaves.append(type(module))
     return leaves
@@ -244,7 +243,7 @@ def _leaf_modules(model: nn.Module) -> list[type]:
 
 def _backbone(
     arch: str, kind: str, input_size: tuple[int, int], pretrained: bool, download: bool,
-    last_stride: Optional[int], sites: Optional[Sequence[str]], kwargs: dict[str, Any],
+    last_stride: int | None, sites: Sequence[str] | None, kwargs: dict[str, Any],
 ) -> tuple[nn.Module, int]:
     """torchvision ``arch`` with ``kind`` inserted, cut after its last feature map, pooled."""
     from torchvision.models import get_model
@@ -257,7 +256,8 @@ def _backbone(
         ra.set_last_stride(model, last_stride)
     last = ra.list_sites(model, input_size)[-1]  # stage ends in execution order: the final map
     ra.insert_attention(model, kind, sites=sites, input_size=input_size, **kwargs)
-    body = create_feature_extractor(model, {last.name: "map"}, tracer_kwargs={"leaf_modules": _leaf_modules(model)})
+    body = create_feature_extractor(model, {last.name: "map"},
+                                    tracer_kwargs={"leaf_modules": _leaf_modules(model)})
     return _PooledMap(body, "map", last.layout), last.channels
 
 
@@ -270,9 +270,9 @@ def create_model(
     *,
     input_size: SizeLike = (256, 128),
     download: bool = False,
-    last_stride: Optional[int] = None,
-    sites: Optional[Sequence[str]] = None,
-    **kwargs,
+    last_stride: int | None = None,
+    sites: Sequence[str] | None = None,
+    **kwargs: Any,
 ) -> TorchreidModel:
     """Build the model ``name`` (see :func:`model_names`) as torchreid's factories do; the
     functions :func:`register_models` registers call this. Needs torchvision, not torchreid.
@@ -304,7 +304,8 @@ def create_model(
         from .. import presets
 
         if last_stride is not None or sites is not None:
-            raise TypeError(f"last_stride and sites are for torchvision backbones; the preset {name!r} fixes both")
+            raise TypeError(f"last_stride and sites are for torchvision backbones; "
+                            f"the preset {name!r} fixes both")
         function, fixed = PRESETS[name]
         weights = _imagenet_weights("resnet50", download) if pretrained else None
         backbone = getattr(presets, function)(input_size=size, weights=weights, **fixed, **kwargs)
@@ -325,7 +326,7 @@ class _Factory:
         self.name, self.input_size, self.download = name, input_size, download
 
     def __call__(self, num_classes: int, loss: str = "softmax", pretrained: bool = True, use_gpu: bool = True,
-                 **kwargs) -> TorchreidModel:
+                 **kwargs: Any) -> TorchreidModel:
         kwargs.setdefault("input_size", self.input_size)
         kwargs.setdefault("download", self.download)
         return create_model(self.name, num_classes, loss, pretrained, use_gpu, **kwargs)
@@ -335,7 +336,7 @@ class _Factory:
 
 
 def register_models(
-    names: Optional[Sequence[str]] = None, *, input_size: SizeLike = (256, 128), download: bool = False
+    names: Sequence[str] | None = None, *, input_size: SizeLike = (256, 128), download: bool = False
 ) -> list[str]:
     """Register models in torchreid's model factory (``torchreid.models.build_model(name, ...)``)
     and return their names.
@@ -386,7 +387,7 @@ def _numpy_scalar_globals() -> list[Any]:
     return [np.float32(0).__reduce__()[0], np.dtype] + [type(np.dtype(t)) for t in types]
 
 
-def load_checkpoint(path: Union[str, os.PathLike], *, trusted: bool = False, map_location: Any = "cpu") -> Any:
+def load_checkpoint(path: str | os.PathLike[str], *, trusted: bool = False, map_location: Any = "cpu") -> Any:
     """Load a torchreid checkpoint (``torchreid.utils.save_checkpoint``, or the engines'
     ``model/model.pth.tar-<epoch>``) on any torch >= 2.1, safely by default.
 
