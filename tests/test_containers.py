@@ -27,7 +27,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import reid_attention as ra
-from reid_attention._attach import AttentionSequential
+from reid_attention._swapped import AttentionSequential
 from reid_attention.insert import fx_leaf_modules
 
 NO_INIT = {"init_weights": False}

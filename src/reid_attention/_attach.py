@@ -16,13 +16,8 @@ unwrapped model loads with ``strict=False`` reporting only the new attention key
   whose forward calls the original forward, then the ``attention`` child.
 
 A Sequential that receives attention (the site in ``"append"``, the parent in ``"sibling"``) has
-its class swapped too, for a cached subclass (:class:`AttentionSequential`) whose forward runs
-every child in ``_modules`` order, attention included, while its sequence protocol (``len``,
-iteration, ``[i]``, slices, edits) sees the original children only: ``model.layer4[-1]`` is the
-last block and ``len(model.layer4)`` its block count, as before insertion, so Grad-CAM's
-``target_layers=[model.layer4[-1]]`` and index-based surgery mean what they meant. The swapped
-classes pickle as "base class + mixin", so ``copy.deepcopy``, ``pickle`` and ``torch.save`` keep
-working.
+its class swapped too (:mod:`reid_attention._swapped`): its forward runs the attention in place,
+its sequence protocol sees the original children only.
 
 On an NHWC site the attention is wrapped in :class:`NHWCAdapter`, so it sees (B, C, H, W) and the
 stage's (B, H, W, C) layout is restored. Every inserted module (the layer, and its adapter) is
@@ -40,8 +35,8 @@ through the call the user made (``insert_attention(..., **kwargs)`` or a preset'
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any, Callable, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +45,7 @@ from ._checks import SITE_ATTR, ArgumentError, SizeLike, pair
 from ._probe import (
     MIN_DEFAULT_REDUCTION,
     PROBE_BATCH,
+    FactoryKwargs,
     Site,
     check_model,
     default_sites,
@@ -59,17 +55,15 @@ from ._probe import (
     probe,
     stage_ends,
 )
+from ._swapped import AttentionSequential, adopt, with_attention
 from .registry import create_attention, needs_feat_size
 
-__all__ = [
-    "INSERT_CALL", "AttentionSequential", "AttentionSite", "AttentionSpec", "NHWCAdapter", "attach",
-    "attach_mode", "new_site",
-]
+__all__ = ["INSERT_CALL", "AttentionSpec", "NHWCAdapter", "attach", "attach_mode"]
 
 AttentionSpec = Union[str, Callable[..., nn.Module]]
 INSERT_CALL = "insert_attention(..., **kwargs)"
 # Keyword arguments insertion adds to a registry kind unless the user passes them (module docstring).
-_INSERTION_DEFAULTS: Dict[str, Dict[str, object]] = {"pfsa": {"preserve_scale": True}}
+_INSERTION_DEFAULTS: dict[str, dict[str, object]] = {"pfsa": {"preserve_scale": True}}
 # Arguments insertion passes itself, from the site's map: an error about one is the site's.
 _SITE_ARGUMENTS = ("channels", "feat_size")
 
@@ -82,183 +76,11 @@ class NHWCAdapter(nn.Module):
         self.attention = attention
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.attention(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        y: Tensor = self.attention(x.permute(0, 3, 1, 2))
+        return y.permute(0, 2, 3, 1)
 
 
 # --------------------------------------------------------------------------- joining the model
-
-
-class _Swapped:
-    """Base of the mixins insertion swaps into an instance's class (``(mixin, its class)``,
-    made at run time and cached per class): such a class cannot be found by name, so an instance
-    pickles (and deep-copies) as "an empty instance of the cached subclass of this base, then
-    this state" (:func:`new_site`)."""
-
-    _site_base: type
-
-    def __reduce_ex__(self, protocol):
-        return new_site, (self._site_base,), self.__dict__
-
-
-class AttentionSite(_Swapped):
-    """Mixin of a module whose output goes through its ``attention`` child.
-
-    An instance's class is swapped for the cached subclass ``(AttentionSite, its class)``, so
-    parameters, buffers, hooks and names stay where they were.
-    """
-
-    def forward(self, *args, **kwargs):
-        return self.attention(super().forward(*args, **kwargs))
-
-
-class AttentionSequential(_Swapped):
-    """Mixin of an ``nn.Sequential`` (or a subclass that keeps its forward) holding inserted
-    attention among its children, as ``"append"`` (``attention``, on the container's output)
-    and ``"sibling"`` (``<child>_attention``, on that child's output) place it.
-
-    The attention is a real child: ``_modules``, ``children()``, ``named_modules()``,
-    ``state_dict()`` and ``repr`` show it, and :meth:`forward` runs every child in ``_modules``
-    order, attention included (torch.fx traces it, so ``create_feature_extractor`` sees it).
-    The *sequence* protocol sees the original children only, as in the plain model: ``len``,
-    iteration, ``in``, ``container[i]`` (so ``layer4[-1]`` is the last block, the Grad-CAM
-    target, whose output is the map *before* the attention), assignment, deletion,
-    ``append`` / ``insert`` / ``extend`` / ``pop`` / ``+=`` / ``*=`` (edits keep each sibling
-    attention after its child and the container's own attention last), and ``+`` / ``*``
-    (plain containers of the original children, as nn.Sequential builds them). A slice
-    ``container[a:b]`` holds the original children it selects and, after each, the sibling
-    attention of that child (a stretch of the model computes what it computes in the model);
-    the container's own ``attention`` runs on the whole container's output and is in no slice.
-    """
-
-    _attention_keys: Tuple[str, ...]  # the inserted children's names (instance attribute)
-    _output_key: Optional[str]  # the one on the container's own output (instance attribute)
-
-    def forward(self, input):
-        for module in self._modules.values():
-            input = module(input)
-        return input
-
-    # --- the original children
-
-    def _original_items(self) -> List[Tuple[str, nn.Module]]:
-        return [(k, m) for k, m in self._modules.items() if k not in self._attention_keys]
-
-    def __len__(self) -> int:
-        return len(self._original_items())
-
-    def __iter__(self):
-        return iter([m for _, m in self._original_items()])
-
-    def __getitem__(self, idx):
-        items = self._original_items()
-        if isinstance(idx, slice):
-            return self._slice(items[idx])
-        return nn.Sequential._get_item_by_idx(self, [m for _, m in items], idx)
-
-    def __setitem__(self, idx, module: nn.Module) -> None:
-        key = nn.Sequential._get_item_by_idx(self, [k for k, _ in self._original_items()], idx)
-        setattr(self, key, module)  # in place: a sibling attention stays after the new child
-
-    def __delitem__(self, idx) -> None:
-        self._edit(lambda view: nn.Sequential.__delitem__(view, idx))
-
-    def append(self, module: nn.Module):
-        self._edit(lambda view: nn.Sequential.append(view, module))
-        return self
-
-    def insert(self, index: int, module: nn.Module):
-        self._edit(lambda view: nn.Sequential.insert(view, index, module))
-        return self
-
-    def __iadd__(self, other):
-        self._edit(lambda view: nn.Sequential.__iadd__(view, other))
-        return self
-
-    def __imul__(self, other: int):
-        self._edit(lambda view: nn.Sequential.__imul__(view, other))
-        return self
-
-    # --- keeping the inserted children in place
-
-    def _siblings(self) -> Tuple[Dict[int, List[Tuple[str, nn.Module]]], list]:
-        """The sibling attention after each original child (by the child's id; one before any
-        child in the second list) and the container's own attention entry (a list of 0 or 1)."""
-        after: Dict[int, List[Tuple[str, nn.Module]]] = {}
-        own, anchor = [], None
-        for key, module in self._modules.items():
-            if key not in self._attention_keys:
-                anchor = id(module)
-            elif key == self._output_key:
-                own.append((key, module))
-            else:
-                after.setdefault(anchor, []).append((key, module))
-        return after, own
-
-    def _edit(self, change: Callable[[nn.Sequential], object]) -> None:
-        """Apply nn.Sequential's own ``change`` to a plain container of the original children
-        (so keys, checks and errors are nn.Sequential's), then put the inserted children back:
-        each sibling attention after its child (that of a removed child after the nearest kept
-        child before it), the container's own attention last."""
-        originals = self._original_items()
-        view = nn.Sequential()
-        view._modules.update(originals)
-        change(view)
-        after, own = self._siblings()
-        kept = {id(m) for m in view._modules.values()}
-        anchor = None
-        for _, module in originals:
-            if id(module) in kept:
-                anchor = id(module)
-            elif id(module) in after:
-                after.setdefault(anchor, []).extend(after.pop(id(module)))
-        entries = list(after.pop(None, []))
-        for key, module in view._modules.items():
-            entries.append((key, module))
-            entries.extend(after.pop(id(module), []))
-        self._modules.clear()
-        self._modules.update(entries + own)
-
-    def _slice(self, chosen: List[Tuple[str, nn.Module]]) -> nn.Sequential:
-        """The plain container's slice (``type(container)(OrderedDict(items))``) with the sibling
-        attention of the children it holds."""
-        out = self._site_base(OrderedDict(chosen))
-        after, _ = self._siblings()
-        carried = [entry for _, module in chosen for entry in after.get(id(module), [])]
-        if carried:
-            _adopt(out)
-            entries = [e for key, module in chosen for e in [(key, module)] + after.get(id(module), [])]
-            out._modules.clear()
-            out._modules.update(entries)
-            out._attention_keys = tuple(key for key, _ in carried)
-        return out
-
-
-_SITE_CLASSES: Dict[type, type] = {}
-
-
-def _with_attention(cls: type) -> type:
-    """The cached subclass ``(AttentionSequential, cls)`` of an ``nn.Sequential`` class, else
-    ``(AttentionSite, cls)``."""
-    if cls not in _SITE_CLASSES:
-        mixin = AttentionSequential if issubclass(cls, nn.Sequential) else AttentionSite
-        _SITE_CLASSES[cls] = type(
-            f"{cls.__name__}WithAttention", (mixin, cls), {"_site_base": cls, "__module__": __name__}
-        )
-    return _SITE_CLASSES[cls]
-
-
-def new_site(base: type) -> nn.Module:
-    """Unpickling helper: an empty instance of ``base`` with attention (state is set after)."""
-    cls = _with_attention(base)
-    return cls.__new__(cls)
-
-
-def _adopt(container: nn.Sequential) -> AttentionSequential:
-    """Swap a Sequential's class for its :class:`AttentionSequential` subclass (once)."""
-    if not isinstance(container, AttentionSequential):
-        container.__class__ = _with_attention(type(container))
-        container._attention_keys, container._output_key = (), None
-    return container
 
 
 def _iterates_children(module: nn.Module) -> bool:
@@ -292,7 +114,7 @@ def attach_mode(model: nn.Module, name: str) -> str:
     return "append" if isinstance(site, nn.Sequential) else "swap"
 
 
-def _attention_after(model: nn.Module, name: str) -> Optional[str]:
+def _attention_after(model: nn.Module, name: str) -> str | None:
     """The qualified name of the attention already inserted after site ``name``, if any."""
     parent, _, leaf = name.rpartition(".")
     modules = dict(model.named_modules())
@@ -307,16 +129,17 @@ def _join(model: nn.Module, name: str, attention: nn.Module) -> None:
     site = model.get_submodule(name)
     mode = attach_mode(model, name)
     if mode == "swap":
-        site.__class__ = _with_attention(type(site))
+        site.__class__ = with_attention(type(site))
         site.add_module("attention", attention)
         return
-    if mode == "append":
-        _adopt(site).add_module("attention", attention)  # last in _modules: runs on the output
-        site._attention_keys += ("attention",)
-        site._output_key = "attention"
+    if mode == "append":  # site is a plain nn.Sequential (attach_mode)
+        container = adopt(cast(nn.Sequential, site))
+        container.add_module("attention", attention)  # last in _modules: runs on the output
+        container._attention_keys += ("attention",)
+        container._output_key = "attention"
         return
     parent_name, _, leaf = name.rpartition(".")
-    parent = _adopt(model.get_submodule(parent_name))
+    parent = adopt(cast(nn.Sequential, model.get_submodule(parent_name)))  # (attach_mode)
     key = f"{leaf}_attention"
     children = list(parent._modules.items())
     parent._modules.clear()
@@ -331,8 +154,8 @@ def _join(model: nn.Module, name: str, attention: nn.Module) -> None:
 
 
 def _attention_factory(
-    attention: AttentionSpec, kwargs: Dict[str, object], factory_kwargs: Dict[str, object]
-) -> Callable[[int, Tuple[int, int]], nn.Module]:
+    attention: AttentionSpec, kwargs: dict[str, Any], factory_kwargs: FactoryKwargs
+) -> Callable[[int, tuple[int, int]], object]:
     """``(channels, feat_size) -> module`` for a registry name (with the insertion defaults, built
     directly with ``factory_kwargs``: the model's device and dtype) or a user's factory."""
     if isinstance(attention, str):
@@ -356,7 +179,9 @@ def _remedy(err: ValueError, call: str) -> str:
     return f"pass {argument}= through {call}"
 
 
-def _build(make: Callable, site: Site, factory_kwargs: Dict[str, object], call: str) -> nn.Module:
+def _build(
+    make: Callable[[int, tuple[int, int]], object], site: Site, factory_kwargs: FactoryKwargs, call: str
+) -> nn.Module:
     """Build the attention for ``site``, check on the meta device that it maps the site's
     (B, C, H, W) map to the same shape, and place it like the model (``factory_kwargs``: device,
     dtype). Build errors name the site and the argument to pass through ``call``."""
@@ -391,8 +216,8 @@ def _build(make: Callable, site: Site, factory_kwargs: Dict[str, object], call: 
 
 
 def _choose_sites(
-    model: nn.Module, maps: Dict[str, Site], sites: Optional[Union[str, Sequence[str]]]
-) -> List[Site]:
+    model: nn.Module, maps: dict[str, Site], sites: str | Sequence[str] | None
+) -> list[Site]:
     """Validate ``sites`` against the probe's ``maps`` (None: the default sites) and check that
     attention can join the model after each, before anything is built."""
     ends = stage_ends(model, maps)
@@ -434,9 +259,9 @@ def attach(
     model: nn.Module,
     attention: AttentionSpec,
     *,
-    sites: Optional[Union[str, Sequence[str]]],
+    sites: str | Sequence[str] | None,
     input_size: SizeLike,
-    kwargs: Dict[str, object],
+    kwargs: dict[str, object],
     call: str = INSERT_CALL,
 ) -> nn.Module:
     """The work of :func:`reid_attention.insert_attention` (see it), with build errors saying to

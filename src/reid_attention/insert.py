@@ -31,22 +31,32 @@ A registry name is built with the registry's defaults, except PFSA, built with
 H*W; the official form is for side branches right before pooling: pass ``preserve_scale=False``).
 
 The work is done in two private modules: ``_probe`` (the shape probe, :class:`Site`, stage ends)
-and ``_attach`` (choosing the sites, building and joining the attention).
+``_attach`` (choosing the sites, building and joining the attention) and ``_swapped`` (the
+classes swapped in so attention runs as a child).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
-from ._attach import AttentionSite, AttentionSpec, NHWCAdapter, attach
-from ._attach import new_site as _new_site  # noqa: F401 -- pickles made before the split name it here
+from ._attach import AttentionSpec, NHWCAdapter, attach
 from ._checks import SITE_ATTR, SizeLike, pair
 from ._probe import (
-    Site, check_model, default_sites, inserted_names, is_inserted, probe, size_tied, stage_ends,
+    Site,
+    check_model,
+    default_sites,
+    inserted_names,
+    is_inserted,
+    probe,
+    size_tied,
+    stage_ends,
 )
 from ._resnet import set_last_stride
+from ._swapped import AttentionSite
+from ._swapped import new_site as _new_site  # noqa: F401 -- whole-model pickles of 0.1.0 name it here
 
 __all__ = [
     "AttentionSite",
@@ -63,7 +73,7 @@ __all__ = [
 
 def list_sites(
     model: nn.Module, input_size: SizeLike = (256, 128), *, stages_only: bool = True
-) -> List[Site]:
+) -> list[Site]:
     """Candidate insertion sites of ``model`` for (B, 3, *input_size) images, in execution order.
 
     ``stages_only=True`` (default): the stage ends (see the module docstring), including the
@@ -80,9 +90,9 @@ def insert_attention(
     model: nn.Module,
     attention: AttentionSpec,
     *,
-    sites: Optional[Union[str, Sequence[str]]] = None,
+    sites: str | Sequence[str] | None = None,
     input_size: SizeLike = (256, 128),
-    **kwargs,
+    **kwargs: Any,
 ) -> nn.Module:
     """Insert attention after ``sites`` of ``model`` (in place) and return the model.
 
@@ -147,7 +157,7 @@ def resize_attention(model: nn.Module, input_size: SizeLike, *, mode: str = "bil
     return model
 
 
-def fx_leaf_modules(model: nn.Module) -> List[type]:
+def fx_leaf_modules(model: nn.Module) -> list[type]:
     """Classes of the attention modules inserted in ``model``, for torch.fx tracing.
 
     The layers validate their input in Python, which a symbolic trace cannot do; as leaves they
