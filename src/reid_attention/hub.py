@@ -21,12 +21,13 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
-
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any
 
 from . import presets
 from ._extras import require
+
+if TYPE_CHECKING:
+    from huggingface_hub.hub_mixin import DataclassInstance
 
 require("huggingface_hub", feature="reid_attention.hub", extra="hf")
 require("safetensors", feature="reid_attention.hub", extra="hf")
@@ -37,14 +38,13 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 __all__ = ["ReIDModel"]
 
 _PRESETS = {"rga_resnet50": presets.rga_resnet50, "apnet_resnet50": presets.apnet_resnet50}
-_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 WEIGHTS_NAME = "model.safetensors"
 # from_pretrained's keyword arguments that are about the download, not the model
 _DOWNLOAD_ARGS = ("revision", "cache_dir", "force_download", "proxies", "resume_download", "token",
                   "local_files_only")
 
 
-def _card_info() -> Dict[str, Any]:
+def _card_info() -> dict[str, Any]:
     """Model-card metadata for huggingface_hub versions that take it (>= 0.22) as class arguments."""
     info = dict(library_name="reid-attention", tags=["person-reid", "image-feature-extraction"],
                 pipeline_tag="image-feature-extraction")
@@ -68,7 +68,7 @@ def _json_value(name: str, value: Any) -> Any:
                     "(build the preset with reid_attention.presets for other arguments)")
 
 
-class ReIDModel(nn.Module, PyTorchModelHubMixin, **_card_info()):
+class ReIDModel(presets.ReIDResNet, PyTorchModelHubMixin, **_card_info()):
     """A preset of :mod:`reid_attention.presets` that saves as config.json + model.safetensors.
 
     ``ReIDModel(preset="rga_resnet50", input_size=(256, 128), channel=False)`` builds
@@ -85,9 +85,8 @@ class ReIDModel(nn.Module, PyTorchModelHubMixin, **_card_info()):
     ``from_pretrained(folder or Hub id, strict=True, map_location="cpu")``, ``push_to_hub(repo_id)``.
     """
 
-    def __init__(self, config: Optional[Dict[str, Any]] = None, *, weights: Optional[object] = None,
+    def __init__(self, config: dict[str, Any] | None = None, *, weights: object | None = None,
                  **options: Any) -> None:
-        super().__init__()
         given = {**(config or {}), **options}
         preset = given.pop("preset", None)
         if preset not in _PRESETS:
@@ -96,28 +95,17 @@ class ReIDModel(nn.Module, PyTorchModelHubMixin, **_card_info()):
             weights = given.pop("weights") if weights is None else weights
         given.setdefault("input_size", inspect.signature(_PRESETS[preset]).parameters["input_size"].default)
         arguments = {name: _json_value(name, value) for name, value in given.items()}
-        #: the preset's name and arguments, as written to config.json
-        self.config: Dict[str, Any] = {"preset": preset, **arguments}
-        self._hub_mixin_config = self.config  # huggingface_hub >= 0.21 saves this as config.json
+        config_json: dict[str, Any] = {"preset": preset, **arguments}
         if "input_size" in arguments and isinstance(arguments["input_size"], list):
             arguments["input_size"] = tuple(arguments["input_size"])
-        net = _PRESETS[preset](weights=weights, **arguments)
-        for name in _TRUNK:
-            self.add_module(name, getattr(net, name))
-        self.num_features = net.num_features
+        super().__init__(_PRESETS[preset](weights=weights, **arguments))  # the preset's trunk
+        #: the preset's name and arguments, as written to config.json
+        self.config = config_json
+        self._hub_mixin_config = self.config  # huggingface_hub >= 0.21 saves this as config.json
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images (B, 3, H, W) -> the layer4 map (B, 2048, H/16, W/16)."""
-        for name in _TRUNK:
-            x = getattr(self, name)(x)
-        return x
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Images (B, 3, H, W) -> pooled features (B, 2048)."""
-        return self.forward_features(x).mean((2, 3))
-
-    def save_pretrained(self, save_directory: Union[str, Path], *, config: Optional[dict] = None,
-                        **kwargs: Any) -> Optional[str]:
+    def save_pretrained(self, save_directory: str | Path, *,
+                        config: dict[str, Any] | DataclassInstance | None = None,
+                        **kwargs: Any) -> str | None:
         """Write ``config.json`` (:attr:`config`) and ``model.safetensors`` to ``save_directory``
         (and push them with ``push_to_hub=True, repo_id=...``)."""
         if config is not None and config != self.config:
@@ -130,7 +118,7 @@ class ReIDModel(nn.Module, PyTorchModelHubMixin, **_card_info()):
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True,
-                         **kwargs: Any) -> "ReIDModel":
+                         **kwargs: Any) -> ReIDModel:
         download = {k: kwargs.pop(k) for k in _DOWNLOAD_ARGS if k in kwargs}
         if os.path.isdir(model_id):
             path = os.path.join(model_id, WEIGHTS_NAME)

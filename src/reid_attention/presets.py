@@ -24,7 +24,8 @@ Official checkpoints convert with :mod:`reid_attention.convert`.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Mapping, Optional
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, cast
 
 from torch import Tensor, nn
 
@@ -35,7 +36,17 @@ from ._probe import inserted_names
 from ._resnet import set_last_stride
 from .convert import describe_keys
 
-__all__ = ["ReIDResNet", "apnet_resnet50", "rga_resnet50"]
+__all__ = ["VARIANTS", "ReIDResNet", "apnet_resnet50", "rga_resnet50"]
+
+#: The papers' named networks, as the toolbox integrations (timm, torchreid, fast-reid) register
+#: them: name -> (preset function, the arguments that name fixes).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "rga_resnet50": ("rga_resnet50", {"spatial": True, "channel": True}),
+    "rga_s_resnet50": ("rga_resnet50", {"spatial": True, "channel": False}),
+    "rga_c_resnet50": ("rga_resnet50", {"spatial": False, "channel": True}),
+    "apnet_resnet50": ("apnet_resnet50", {"variant": "c"}),
+    "apnet_s_resnet50": ("apnet_resnet50", {"variant": "s"}),
+}
 
 _TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 _LAYERS = ["layer1", "layer2", "layer3", "layer4"]
@@ -49,10 +60,13 @@ class ReIDResNet(nn.Module):
     """
 
     def __init__(self, resnet: nn.Module) -> None:
+        """Take the trunk of a torchvision ResNet (or of another ReIDResNet, sharing it)."""
         super().__init__()
         for name in _TRUNK:
             self.add_module(name, getattr(resnet, name))
-        self.num_features = resnet.fc.in_features
+        self.num_features: int = (
+            resnet.num_features if isinstance(resnet, ReIDResNet) else cast(nn.Linear, resnet.fc).in_features
+        )
 
     def forward_features(self, x: Tensor) -> Tensor:
         for name in _TRUNK:
@@ -63,7 +77,7 @@ class ReIDResNet(nn.Module):
         return self.forward_features(x).mean((2, 3))
 
 
-def _resnet50(weights: object, norm_layer: Optional[Callable[[int], nn.Module]]) -> nn.Module:
+def _resnet50(weights: object, norm_layer: Callable[[int], nn.Module] | None) -> nn.Module:
     """torchvision's ResNet-50 with last stride 1: ImageNet weights from a torchvision weights
     enum (or its name), random init for None or a state_dict (loaded into the finished preset)."""
     from torchvision.models import WeightsEnum, resnet50
@@ -78,7 +92,7 @@ def _resnet50(weights: object, norm_layer: Optional[Callable[[int], nn.Module]])
     return set_last_stride(model, 1)
 
 
-def _load(model: ReIDResNet, state_dict: Mapping) -> None:
+def _load(model: ReIDResNet, state_dict: Mapping[str, Tensor]) -> None:
     """Load a torchvision ResNet-50 state_dict (``fc.*`` ignored) or a full preset state_dict:
     every backbone key is required, attention keys are optional (random init where absent)."""
     state = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
@@ -98,7 +112,8 @@ def _load(model: ReIDResNet, state_dict: Mapping) -> None:
 
 
 def _finish(
-    model: nn.Module, weights: object, attention: str, sites, input_size: SizeLike, call: str, **kwargs
+    model: nn.Module, weights: object, attention: str, sites: Sequence[str], input_size: SizeLike, call: str,
+    **kwargs: Any,
 ) -> ReIDResNet:
     """Insert the attention (build errors say to pass arguments through ``call``, the preset's
     own call), wrap, load a state_dict."""
@@ -114,8 +129,8 @@ def rga_resnet50(
     input_size: SizeLike = (256, 128),
     spatial: bool = True,
     channel: bool = True,
-    weights: Optional[object] = None,
-    **rga_kwargs,
+    weights: object | None = None,
+    **rga_kwargs: Any,
 ) -> ReIDResNet:
     """ResNet-50 (last stride 1) with RGA after layer1 .. layer4: the RGA paper's network.
 
@@ -147,9 +162,9 @@ def apnet_resnet50(
     input_size: SizeLike = (384, 192),
     variant: str = "c",
     stem_relu: bool = False,
-    weights: Optional[object] = None,
-    level: Optional[int] = None,
-    **attention_kwargs,
+    weights: object | None = None,
+    level: int | None = None,
+    **attention_kwargs: Any,
 ) -> ReIDResNet:
     """ResNet-50 (last stride 1) with an attention pyramid after the stem and layer1 .. layer4.
 

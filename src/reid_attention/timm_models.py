@@ -34,18 +34,20 @@ Every model is a :class:`TimmReIDResNet`: the preset's trunk (torchvision names:
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import presets
 from ._extras import require
+from .presets import VARIANTS
 
 require("timm", feature="reid_attention.timm_models", extra="timm")
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
-from timm.layers import SelectAdaptivePool2d  # noqa: E402
+from timm.layers.adaptive_avgmax_pool import SelectAdaptivePool2d  # noqa: E402
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model  # noqa: E402
 
 # register_model appends every entry point's name to this list.
@@ -64,7 +66,7 @@ _TORCHVISION_URLS = {  # torchvision's ResNet50_Weights
 }
 
 
-def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, int) and not isinstance(size, bool):
         return (size, size)
     if not isinstance(size, (tuple, list)) or len(size) != 2:
@@ -72,7 +74,7 @@ def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return (int(size[0]), int(size[1]))
 
 
-def _map_size(size: Tuple[int, int]) -> Tuple[int, int]:
+def _map_size(size: tuple[int, int]) -> tuple[int, int]:
     """The layer4 map of a last-stride-1 ResNet-50: four halvings, each rounding up."""
     return (-(-size[0] // 16), -(-size[1] // 16))
 
@@ -96,13 +98,21 @@ class TimmReIDResNet(nn.Module):
             ``impl``, ``norm_layer``, ``weights``...).
     """
 
+    # the submodules the methods call (conv1 .. layer4 come from the preset)
+    conv1: nn.Module
+    bn1: nn.Module
+    relu: nn.Module
+    maxpool: nn.Module
+    global_pool: SelectAdaptivePool2d
+    fc: nn.Module
+
     def __init__(
         self,
         preset: str = "rga_resnet50",
         *,
         num_classes: int = 0,
         in_chans: int = 3,
-        img_size: Optional[Union[int, Sequence[int]]] = None,
+        img_size: int | Sequence[int] | None = None,
         global_pool: str = "avg",
         drop_rate: float = 0.0,
         **preset_kwargs: Any,
@@ -133,8 +143,8 @@ class TimmReIDResNet(nn.Module):
 
     # --- timm's model interface -------------------------------------------------------------
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+    @torch.jit.ignore  # type: ignore[untyped-decorator]  # torch.jit.ignore is unannotated
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for timm's layer-wise learning-rate decay: the stem (with APNet's stem
         attention), then each stage's blocks, each stage's attention after its last block."""
         if coarse:
@@ -144,20 +154,21 @@ class TimmReIDResNet(nn.Module):
             blocks=[(r"^layer(\d+)\.(\d+)", None), (r"^layer(\d+)\.attention", (99999,))],
         )
 
-    @torch.jit.ignore
+    @torch.jit.ignore  # type: ignore[untyped-decorator]  # torch.jit.ignore is unannotated
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute layer1 .. layer4 in the backward pass instead of storing their activations."""
         self.grad_checkpointing = enable
 
-    @torch.jit.ignore
+    @torch.jit.ignore  # type: ignore[untyped-decorator]  # torch.jit.ignore is unannotated
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new random ``fc`` for ``num_classes`` (0: none); ``global_pool`` changes the pooling."""
         if global_pool is not None:
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        if num_classes and self.global_pool.is_identity():
+        # timm's SelectAdaptivePool2d.is_identity is unannotated
+        if num_classes and self.global_pool.is_identity():  # type: ignore[no-untyped-call]
             raise ValueError("a classifier (num_classes > 0) needs a global_pool, got global_pool=''")
         self.num_classes = num_classes
         like = next(self.parameters())
@@ -168,10 +179,12 @@ class TimmReIDResNet(nn.Module):
         """Images (B, 3, H, W) at ``img_size`` -> the layer4 map (B, 2048, H/16, W/16)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         stages = [getattr(self, name) for name in _STAGES]
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        # torch.jit.is_scripting is public API, missing from torch.jit.__all__
+        if self.grad_checkpointing and not torch.jit.is_scripting():  # type: ignore[attr-defined]
             from timm.models import checkpoint_seq
 
-            return checkpoint_seq(stages, x)
+            out: Tensor = checkpoint_seq(stages, x)
+            return out
         for stage in stages:
             x = stage(x)
         return x
@@ -188,12 +201,12 @@ class TimmReIDResNet(nn.Module):
     def forward_intermediates(
         self,
         x: Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
+        indices: int | list[int] | None = None,
         norm: bool = False,
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
-    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
         """timm's intermediate-feature API (timm >= 1.0): the maps of ``feature_info`` (stem,
         layer1 .. layer4) picked by ``indices`` (None: all; an int n: the last n)."""
         from timm.models._features import feature_take_indices
@@ -213,8 +226,8 @@ class TimmReIDResNet(nn.Module):
         return intermediates if intermediates_only else (x, intermediates)
 
     def prune_intermediate_layers(
-        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> List[int]:
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
         """Drop the stages after the last map ``indices`` asks for (and the head)."""
         from timm.models._features import feature_take_indices
 
@@ -234,17 +247,17 @@ class TimmReIDResNet(nn.Module):
         self.load_state_dict(_complete(load_state_dict(str(checkpoint_path)), self))
 
 
-def _attention_prefixes(model: nn.Module) -> Tuple[str, ...]:
+def _attention_prefixes(model: nn.Module) -> tuple[str, ...]:
     """``<site>.attention.`` for every attention inserted in the trunk."""
     return tuple(f"{name}." for name, _ in model.named_modules() if name.split(".")[-1] == "attention")
 
 
-def _short(keys: List[str], limit: int = 6) -> str:
+def _short(keys: list[str], limit: int = 6) -> str:
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
 
 
-def _complete(state_dict: Mapping[str, Tensor], model: TimmReIDResNet) -> Dict[str, Tensor]:
+def _complete(state_dict: Mapping[str, Tensor], model: TimmReIDResNet) -> dict[str, Tensor]:
     """``state_dict`` checked against ``model`` and completed with the model's own tensors where it
     may lack them (attention, ``fc``, ``num_batches_tracked``): a dict that loads with strict=True."""
     own = model.state_dict()
@@ -278,13 +291,13 @@ def _complete(state_dict: Mapping[str, Tensor], model: TimmReIDResNet) -> Dict[s
     return {k: state.get(k, v) for k, v in own.items()}
 
 
-def _filter(state_dict: Mapping[str, Tensor], model: TimmReIDResNet) -> Dict[str, Tensor]:
+def _filter(state_dict: Mapping[str, Tensor], model: TimmReIDResNet) -> dict[str, Tensor]:
     """timm's ``pretrained_filter_fn`` for weights that do not come from a file or URL
     (``pretrained_cfg_overlay=dict(state_dict=...)``, a Hugging Face Hub id)."""
     return _complete(state_dict, model)
 
 
-def _cfg(tag: str, size: Tuple[int, int], paper: Tuple[str, str]) -> Dict[str, Any]:
+def _cfg(tag: str, size: tuple[int, int], paper: tuple[str, str]) -> dict[str, Any]:
     return dict(
         url=_TORCHVISION_URLS[tag],
         custom_load=True,  # the file goes to TimmReIDResNet.load_pretrained
@@ -309,25 +322,19 @@ def _cfg(tag: str, size: Tuple[int, int], paper: Tuple[str, str]) -> Dict[str, A
 
 _RGA = ("Relation-Aware Global Attention for Person Re-identification", "arXiv:1904.02998")
 _APNET = ("Person Re-identification via Attention Pyramid", "arXiv:2108.05340")
-_ARCHS = {  # name -> (preset, fixed preset arguments, paper)
-    "rga_resnet50": ("rga_resnet50", dict(spatial=True, channel=True), _RGA),
-    "rga_s_resnet50": ("rga_resnet50", dict(spatial=True, channel=False), _RGA),
-    "rga_c_resnet50": ("rga_resnet50", dict(spatial=False, channel=True), _RGA),
-    "apnet_resnet50": ("apnet_resnet50", dict(variant="c"), _APNET),
-    "apnet_s_resnet50": ("apnet_resnet50", dict(variant="s"), _APNET),
-}
+_PAPERS = {"rga_resnet50": _RGA, "apnet_resnet50": _APNET}  # preset function -> its paper
 
 # timm reads the pretrained cfgs of an entry point from its module's ``default_cfgs`` when the
 # entry point is registered, so this comes before the @register_model functions.
 default_cfgs = generate_default_cfgs({
-    f"{arch}.{tag}": _cfg(tag, _DEFAULT_SIZE[preset], paper)
-    for arch, (preset, _, paper) in _ARCHS.items()
+    f"{arch}.{tag}": _cfg(tag, _DEFAULT_SIZE[preset], _PAPERS[preset])
+    for arch, (preset, _) in VARIANTS.items()
     for tag in _TORCHVISION_URLS
 })
 
 
-def _create(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
-    preset, fixed, _ = _ARCHS[variant]
+def _create(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    preset, fixed = VARIANTS[variant]
     for key, value in fixed.items():
         given = kwargs.pop(key, value)
         if given != value:
