@@ -74,8 +74,15 @@ test-compat:
 docs: install-test
 	$(PY) docs/build_api.py docs/api
 
-lint:
-	$(PIP) -e ".[dev]" && $(VENV)/bin/ruff check src tests benchmarks examples
+$(VENV)/.installed-dev: $(VENV)/bin/activate pyproject.toml constraints.txt
+	$(PIP) -e ".[dev]"
+	touch $@
+
+# ruff (rules in pyproject.toml) on every Python file, mypy --strict on the package.
+LINT_PATHS := src tests benchmarks examples tools docs hubconf.py
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

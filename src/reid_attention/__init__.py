@@ -6,15 +6,15 @@ Layers: :class:`RGA` (RGA-S / RGA-C / RGA-SC), :class:`ParameterFreeSpatialAtten
 
 from importlib import metadata as _metadata
 
-from .registry import create_attention, list_attentions, register_attention
-from .inference import fold_batchnorm_scales
-from .pfsa import ParameterFreeSpatialAttention
+from . import convert, presets
 from .apnet_c import APNetC
 from .apnet_s import APNetS
-from .rga import RGA
+from .inference import fold_batchnorm_scales
 from .insert import insert_attention, list_sites, resize_attention, set_last_stride
+from .pfsa import ParameterFreeSpatialAttention
 from .recalibrate import recalibrate_norms
-from . import convert, presets
+from .registry import create_attention, list_attentions, register_attention
+from .rga import RGA
 
 __all__ = [
     "APNetC",

@@ -7,7 +7,8 @@ it from that data instead of reading the message."""
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -29,7 +30,8 @@ class ArgumentError(ValueError):
         self.argument = argument
         self.value = value
 
-    def __reduce__(self):  # pickles (e.g. across DDP / multiprocessing workers) with its data
+    def __reduce__(self) -> tuple[type[ArgumentError], tuple[str, object, str]]:
+        # pickles (e.g. across DDP / multiprocessing workers) with its data
         return type(self), (self.argument, self.value, str(self))
 
 
@@ -41,8 +43,9 @@ def check_positive_int(name: str, value: object) -> int:
     return value
 
 
-def pair(name: str, size: SizeLike, *, square_int: bool = True) -> Tuple[int, int]:
-    """A size as (H, W); with ``square_int`` an int means a square (image sizes)."""
+def pair(name: str, size: object, *, square_int: bool = True) -> tuple[int, int]:
+    """A size (a :data:`SizeLike`, checked here) as (H, W); with ``square_int`` an int means a
+    square (image sizes)."""
     if square_int and isinstance(size, int) and not isinstance(size, bool):
         size = (size, size)
     if not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2:
@@ -52,7 +55,7 @@ def pair(name: str, size: SizeLike, *, square_int: bool = True) -> Tuple[int, in
     return check_positive_int(f"{name}[0]", h), check_positive_int(f"{name}[1]", w)
 
 
-def feat_pair(owner: str, size: object) -> Tuple[int, int]:
+def feat_pair(owner: str, size: object) -> tuple[int, int]:
     """The ``feat_size`` of a size-tied layer: an (H, W) pair only.
 
     An int is refused: the official ``RGA_Module(in_channel, in_spatial)`` takes H*W there, and
@@ -74,7 +77,7 @@ def layer_name(module: object) -> str:
 
 
 def check_input(
-    x: object, owner: str, channels: int | None = None, feat_size: Tuple[int, int] | None = None
+    x: object, owner: str, channels: int | None = None, feat_size: tuple[int, int] | None = None
 ) -> Tensor:
     """Validate a (B, C, H, W) floating-point feature map at a layer boundary."""
     if not isinstance(x, Tensor):
@@ -104,7 +107,7 @@ def max_levels(size: int) -> int:
 def check_levels(owner: str, levels: object, what: str, size: int) -> int:
     """An attention pyramid's ``levels``: an int whose finest level's 2^(levels-1) parts divide
     ``size`` (APNet-C: the channels; APNet-S: the height)."""
-    check_positive_int("levels", levels)
+    levels = check_positive_int("levels", levels)
     parts = 2 ** (levels - 1)
     if size % parts:
         most = max_levels(size)

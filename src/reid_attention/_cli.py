@@ -7,12 +7,12 @@ One ``HxW`` size type (:func:`parse_size`) and one parser class whose errors are
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn, Tuple
+from typing import NoReturn
 
 __all__ = ["parse_size", "error_line", "OneLineParser"]
 
 
-def parse_size(text: str) -> Tuple[int, int]:
+def parse_size(text: str) -> tuple[int, int]:
     """``"256x128"`` -> (256, 128); anything but two positive integers around an 'x' is an
     ``argparse.ArgumentTypeError`` (so argparse reports it as an error of the option)."""
     height, sep, width = text.lower().partition("x")

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Optional
 
 
 class MissingExtraError(ImportError):
     """An optional package a feature needs is not installed; the message says how to install it."""
 
 
-def require(package: str, *, feature: str, extra: Optional[str] = None) -> ModuleType:
+def require(package: str, *, feature: str, extra: str | None = None) -> ModuleType:
     """Import ``package`` for ``feature``, or raise MissingExtraError naming both and the
     ``pip install`` command (of the ``reid-attention[extra]`` that holds it, else of the package)."""
     try:

@@ -29,18 +29,23 @@ seam: tests may import its public names (no leading underscore).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
+from torch.nn.modules.batchnorm import _BatchNorm
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeGuard
 
 NormLayer = Callable[[int], nn.Module]
 _EXACT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def make_norm(norm_layer: NormLayer, channels: int, **factory) -> nn.Module:
+def make_norm(norm_layer: NormLayer, channels: int, **factory: Any) -> nn.Module:
     """``norm_layer(channels)`` on the factory device / dtype, checked to be a module."""
     if not callable(norm_layer):
         raise TypeError(
@@ -61,32 +66,37 @@ def is_plain(m: nn.Module, cls: type) -> bool:
     )
 
 
-def _settings(m: nn.Module) -> tuple:
+def _settings(m: _BatchNorm) -> tuple[object, ...]:
     return (m.training, m.eps, m.momentum, m.affine, m.running_mean is None)
 
 
-def one_kernel(norms: Sequence[nn.Module]) -> bool:
+def one_kernel(norms: Sequence[nn.Module]) -> TypeGuard[Sequence[_BatchNorm]]:
     """Whether one ``F.batch_norm`` call is provably the same as calling every module."""
     if not all(any(is_plain(m, cls) for cls in _EXACT) for m in norms):
         return False
-    first = _settings(norms[0])
-    return first[2] is not None and all(_settings(m) == first for m in norms)
+    settings = [_settings(m) for m in norms if isinstance(m, _BatchNorm)]  # every module (above)
+    return settings[0][2] is not None and all(s == settings[0] for s in settings)
 
 
-def _track(norms: Sequence[nn.Module]) -> bool:
+def _track(norms: Sequence[_BatchNorm]) -> bool:
     """Count a training batch for modules that track statistics; whether they do."""
     first = norms[0]
     track = first.training and first.running_mean is not None
     if track:
-        torch._foreach_add_([m.num_batches_tracked for m in norms], 1)
+        torch._foreach_add_(_buffers(norms, "num_batches_tracked"), 1)
     return track
 
 
-def _cat(norms: Sequence[nn.Module], name: str, dtype: torch.dtype) -> Optional[Tensor]:
-    tensors = [getattr(m, name) for m in norms]
+def _buffers(norms: Sequence[_BatchNorm], name: str) -> list[Tensor]:
+    """The tensors ``name`` of every module (a statistic or counter they all track)."""
+    return [getattr(m, name) for m in norms]
+
+
+def _cat(norms: Sequence[_BatchNorm], name: str, dtype: torch.dtype) -> Tensor | None:
+    tensors: list[Tensor | None] = [getattr(m, name) for m in norms]
     if tensors[0] is None:
         return None
-    return (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).to(dtype)
+    return (tensors[0] if len(tensors) == 1 else torch.cat(_buffers(norms, name))).to(dtype)
 
 
 def _dtype_of(m: nn.Module, default: torch.dtype) -> torch.dtype:
@@ -98,7 +108,8 @@ def _dtype_of(m: nn.Module, default: torch.dtype) -> torch.dtype:
 
 def run_module(module: nn.Module, x: Tensor) -> Tensor:
     """Call a module on x in the module's own dtype (x's for a stateless one); the result in x's."""
-    return module(x.to(_dtype_of(module, x.dtype))).to(x.dtype)
+    y: Tensor = module(x.to(_dtype_of(module, x.dtype)))
+    return y.to(x.dtype)
 
 
 def norm_channels(x: Tensor, norms: Sequence[nn.Module], *, update_statistics: bool = True) -> Tensor:
@@ -116,7 +127,7 @@ def norm_channels(x: Tensor, norms: Sequence[nn.Module], *, update_statistics: b
     track = _track(norms) if update_statistics else False
     dtype = x.dtype
     running_mean, running_var = _cat(norms, "running_mean", dtype), _cat(norms, "running_var", dtype)
-    if not update_statistics and running_mean is not None:  # the same call on throwaway copies
+    if not update_statistics and running_mean is not None and running_var is not None:  # throwaway copies
         running_mean, running_var = running_mean.clone(), running_var.clone()
     # F.batch_norm updates the statistics it is given in place: for one module in its own dtype
     # those are its buffers; otherwise they are fresh (concatenated or cast) and written back.
@@ -125,20 +136,27 @@ def norm_channels(x: Tensor, norms: Sequence[nn.Module], *, update_statistics: b
     # fail at run time under torch.compile / export (pytorch/pytorch#192668).
     y = F.batch_norm(
         x.contiguous(), running_mean, running_var, *affine_parameters(norms, dtype),
-        first.training or running_mean is None, first.momentum, first.eps,
+        first.training or running_mean is None, _momentum(first), first.eps,
     )
     if track and running_mean is not first.running_mean:
+        assert running_mean is not None and running_var is not None  # tracked statistics
         sizes = [m.num_features for m in norms]
         torch._foreach_copy_(
-            [m.running_mean for m in norms] + [m.running_var for m in norms],
+            _buffers(norms, "running_mean") + _buffers(norms, "running_var"),
             list(running_mean.split(sizes)) + list(running_var.split(sizes)),
         )
     return y
 
 
+def _momentum(m: _BatchNorm) -> float:
+    """The momentum of a ``one_kernel`` module (never None there)."""
+    assert m.momentum is not None
+    return m.momentum
+
+
 def batch_statistics(
-    norms: Sequence[nn.Module], mean: Optional[Tensor], var: Optional[Tensor], count: int
-) -> Tuple[Tensor, Tensor]:
+    norms: Sequence[_BatchNorm], mean: Tensor | None, var: Tensor | None, count: int
+) -> tuple[Tensor, Tensor]:
     """The per-channel mean and biased variance (C,) that ``norms`` normalise with, for
     ``one_kernel(norms)`` modules whose channels, concatenated, are the C channels of a tensor y.
 
@@ -150,31 +168,39 @@ def batch_statistics(
     first = norms[0]
     if not (first.training or first.running_mean is None):
         dtype = first.running_mean.dtype if mean is None else mean.dtype
-        return _cat(norms, "running_mean", dtype), _cat(norms, "running_var", dtype)
+        running_mean, running_var = _cat(norms, "running_mean", dtype), _cat(norms, "running_var", dtype)
+        assert running_mean is not None and running_var is not None
+        return running_mean, running_var
+    assert mean is not None and var is not None  # batch statistics are computed from them
     between, mu = torch.var_mean(mean, 0, correction=0)
     sigma2 = var.mean(0) + between
     if _track(norms):
         n = count * mean.shape[0]
         sizes = [m.num_features for m in norms]
+        means, variances = _buffers(norms, "running_mean"), _buffers(norms, "running_var")
         with torch.no_grad():
-            for m, m_mu, m_sigma2 in zip(norms, mu.split(sizes), sigma2.split(sizes)):
-                m.running_mean.lerp_(m_mu.to(m.running_mean.dtype), m.momentum)
-                m.running_var.lerp_((m_sigma2 * (n / (n - 1))).to(m.running_var.dtype), m.momentum)
+            for m, m_mu, m_sigma2, r_mean, r_var in zip(
+                norms, mu.split(sizes), sigma2.split(sizes), means, variances
+            ):
+                r_mean.lerp_(m_mu.to(r_mean.dtype), _momentum(m))
+                r_var.lerp_((m_sigma2 * (n / (n - 1))).to(r_var.dtype), _momentum(m))
     return mu, sigma2
 
 
-def affine_parameters(norms: Sequence[nn.Module], dtype: torch.dtype) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+def affine_parameters(norms: Sequence[_BatchNorm], dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
     """The norms' weights and biases concatenated in ``dtype`` (None without affine)."""
     return _cat(norms, "weight", dtype), _cat(norms, "bias", dtype)
 
 
-def batchnorm_affine(bn: nn.Module, mean: Tensor, var: Optional[Tensor], count: int) -> Tuple[Tensor, Tensor]:
+def batchnorm_affine(bn: nn.Module, mean: Tensor, var: Tensor | None, count: int) -> tuple[Tensor, Tensor]:
     """(scale, shift) (C,) with ``bn(y) = y * scale + shift``, for ``one_kernel([bn])`` modules,
     from y's per-sample statistics (see :func:`batch_statistics`, which also updates ``bn``'s
     running statistics)."""
-    mu, sigma2 = batch_statistics([bn], mean, var, count)
-    scale = torch.rsqrt(sigma2 + bn.eps)
-    if bn.weight is not None:
-        scale = bn.weight.to(mean.dtype) * scale
+    norm = cast(_BatchNorm, bn)  # one_kernel([bn]) holds (above)
+    mu, sigma2 = batch_statistics([norm], mean, var, count)
+    weight, bias = affine_parameters([norm], mean.dtype)
+    scale = torch.rsqrt(sigma2 + norm.eps)
+    if weight is not None:
+        scale = weight * scale
     shift = -mu * scale
-    return scale, (shift if bn.bias is None else shift + bn.bias.to(mean.dtype))
+    return scale, (shift if bias is None else shift + bias)

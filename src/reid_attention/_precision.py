@@ -23,7 +23,7 @@ def autocast_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def no_autocast(x: Tensor):
+def no_autocast(x: Tensor) -> contextlib.AbstractContextManager[object]:
     """Context that turns autocast off on x's device (the float32 island of the relation math).
 
     Meta tensors (shape-only runs: insert_attention's probes) have no autocast state to turn off.

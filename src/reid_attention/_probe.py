@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,7 @@ __all__ = [
 
 PROBE_BATCH = 2
 MIN_DEFAULT_REDUCTION = 4  # default sites: stage ends at this stride or more
+Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class Site:
 
     name: str
     channels: int
-    feat_size: Tuple[int, int]
+    feat_size: tuple[int, int]
     reduction: int
     layout: str  # "NCHW" or "NHWC"
 
@@ -65,7 +67,14 @@ def check_model(model: object) -> None:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
 
 
-def factory_kwargs_like(model: nn.Module) -> Dict[str, object]:
+class FactoryKwargs(TypedDict, total=False):
+    """torch's factory keywords of a new module."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+
+def factory_kwargs_like(model: nn.Module) -> FactoryKwargs:
     """torch's factory keywords (``device``, ``dtype``) for new modules placed like the model's
     first floating tensor; empty for a model without one."""
     reference = next(
@@ -84,9 +93,9 @@ def size_tied(module: nn.Module) -> bool:
     return callable(getattr(module, "resized", None))
 
 
-def _outermost(model: nn.Module, keep: Callable[[nn.Module], bool]) -> List[str]:
+def _outermost(model: nn.Module, keep: Callable[[nn.Module], bool]) -> list[str]:
     """Qualified names (not the root) of the modules ``keep`` selects, less those inside one."""
-    names: List[str] = []
+    names: list[str] = []
     for name, module in model.named_modules():
         inside = any(name.startswith(f"{outer}.") for outer in names)
         if name and not inside and keep(module):
@@ -94,7 +103,7 @@ def _outermost(model: nn.Module, keep: Callable[[nn.Module], bool]) -> List[str]
     return names
 
 
-def inserted_names(model: nn.Module) -> List[str]:
+def inserted_names(model: nn.Module) -> list[str]:
     """Qualified names of the modules insertion added (an adapter, not also its layer)."""
     return _outermost(model, is_inserted)
 
@@ -105,11 +114,11 @@ def inserted_names(model: nn.Module) -> List[str]:
 def meta_copy(module: nn.Module) -> nn.Module:
     """A deep copy whose parameters and buffers live on the meta device (no data is copied),
     without the module's forward hooks (the user's hooks must not see the probe)."""
-    memo = {}
+    memo: dict[int, Tensor] = {}
     for t in module.parameters():
         memo[id(t)] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
-    for t in module.buffers():
-        memo[id(t)] = torch.empty_like(t, device="meta")
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
     meta = copy.deepcopy(module, memo)
     for m in meta.modules():
         m._forward_hooks.clear()
@@ -131,14 +140,17 @@ class ShapeOnly(TorchFunctionMode):
     (the shape of their output, and differentiable, so a shape-only backward runs too) instead of
     running their meta-device decompositions."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self, func: Callable[..., Any], types: object, args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         if func in _SHAPE_KEEPING:
             return (args[0] if args else kwargs["input"]).clone()
         return func(*args, **kwargs)
 
 
-def meta_output(module: nn.Module, shape: Tuple[int, ...], dtype: torch.dtype) -> object:
+def meta_output(module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> object:
     """What a meta-device copy of ``module`` (eval mode) returns for a meta input of ``shape``."""
     with torch.no_grad(), ShapeOnly():
         return meta_copy(module).eval()(torch.empty(shape, device="meta", dtype=dtype))
@@ -155,14 +167,14 @@ def _bypass_attention(meta: nn.Module) -> nn.Module:
     return meta
 
 
-def _run_meta(meta: nn.Module, size: Tuple[int, int], dtype: torch.dtype) -> Dict[str, list]:
+def _run_meta(meta: nn.Module, size: tuple[int, int], dtype: torch.dtype) -> dict[str, list[Shape | None]]:
     """Output shapes of every call of every module (name -> list of shapes or None), in
     completion order of each module's first call."""
-    shapes: Dict[str, list] = {}
+    shapes: dict[str, list[Shape | None]] = {}
     handles = []
     for name, module in meta.named_modules():
 
-        def hook(_module, _args, out, name=name):
+        def hook(_module: nn.Module, _args: object, out: object, name: str = name) -> None:
             shapes.setdefault(name, []).append(tuple(out.shape) if isinstance(out, Tensor) else None)
 
         handles.append(module.register_forward_hook(hook))
@@ -181,7 +193,9 @@ def _run_meta(meta: nn.Module, size: Tuple[int, int], dtype: torch.dtype) -> Dic
     return shapes
 
 
-def _feature_map(name: str, small: list, large: list, input_height: int) -> Optional[Site]:
+def _feature_map(
+    name: str, small: list[Shape | None], large: list[Shape | None], input_height: int
+) -> Site | None:
     """The Site of a module called once whose output follows the input size, else None."""
     if len(small) != 1 or len(large) != 1 or small[0] is None or large[0] is None:
         return None
@@ -199,7 +213,7 @@ def _feature_map(name: str, small: list, large: list, input_height: int) -> Opti
     return Site(name, channels, (height, width), reduction, layout)
 
 
-def probe(model: nn.Module, input_size: Tuple[int, int]) -> Dict[str, Site]:
+def probe(model: nn.Module, input_size: tuple[int, int]) -> dict[str, Site]:
     """Every module (not the root, not an inserted one) that outputs a feature map once per
     forward, by name, in execution order."""
     meta = _bypass_attention(meta_copy(model)).eval()
@@ -217,10 +231,10 @@ def probe(model: nn.Module, input_size: Tuple[int, int]) -> Dict[str, Site]:
     return sites
 
 
-def stage_ends(model: nn.Module, maps: Dict[str, Site]) -> List[Site]:
+def stage_ends(model: nn.Module, maps: dict[str, Site]) -> list[Site]:
     """The last unit at each reduction, descending into containers of several stages (``maps``:
     what :func:`probe` found)."""
-    units: List[Site] = []
+    units: list[Site] = []
 
     def visit(module: nn.Module, prefix: str) -> None:
         for name, child in module.named_children():
@@ -237,13 +251,13 @@ def stage_ends(model: nn.Module, maps: Dict[str, Site]) -> List[Site]:
 
     visit(model, "")
     order = {name: i for i, name in enumerate(maps)}
-    last: Dict[int, Site] = {}
+    last: dict[int, Site] = {}
     for site in sorted(units, key=lambda s: order[s.name]):
         last[site.reduction] = site
     return sorted(last.values(), key=lambda s: order[s.name])
 
 
-def default_sites(stage_ends: Sequence[Site]) -> List[Site]:
+def default_sites(stage_ends: Sequence[Site]) -> list[Site]:
     """The sites :func:`reid_attention.insert_attention` uses when none are named: the stage ends
     (as :func:`reid_attention.list_sites` returns them) at reduction 4 or more (the stride-2 stem
     map is the largest of all, and the papers start at stride 4)."""

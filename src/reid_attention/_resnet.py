@@ -26,7 +26,8 @@ def set_last_stride(model: nn.Module, stride: int = 1) -> nn.Module:
     layer4 = getattr(model, "layer4", None)
     first = layer4[0] if isinstance(layer4, nn.Sequential) and len(layer4) else None
     downsample = getattr(first, "downsample", None)
-    if not isinstance(downsample, nn.Sequential) or not isinstance(downsample[0], nn.Conv2d):
+    if not (isinstance(layer4, nn.Sequential) and isinstance(downsample, nn.Sequential)
+            and isinstance(downsample[0], nn.Conv2d)):
         raise ValueError(
             "set_last_stride expects a ResNet-family model (torchvision ResNet / ResNeXt / Wide "
             f"ResNet: layer4[0] with a downsample convolution), got {type(model).__name__}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 from ._checks import ArgumentError
 
 IMPLS = ("reference", "fused")
@@ -25,7 +27,7 @@ class ImplSwitch:
 
     _impl: str
 
-    def __prepare_scriptable__(self):
+    def __prepare_scriptable__(self) -> NoReturn:
         raise TypeError(
             f"{type(self).__name__} does not support torch.jit.script; record it with "
             "torch.jit.trace(model, example), torch.export.export(model, (example,)) or "

@@ -23,7 +23,7 @@ The spatial version, stripes with RGA-S agents, is :mod:`reid_attention.apnet_s`
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,23 +31,23 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ._checks import check_input, check_levels, check_positive_int, layer_name
+from ._norm import NormLayer, batchnorm_affine, make_norm, norm_channels, one_kernel, run_module
 from ._precision import compute_dtype, no_autocast
 from ._switches import ImplSwitch
-from ._norm import NormLayer, batchnorm_affine, make_norm, norm_channels, one_kernel, run_module
 
 __all__ = ["APNetC"]
 
 
 def _linear(x: Tensor, layer: nn.Module, dtype: torch.dtype) -> Tensor:
     """A Linear or 1x1 Conv2d layer on (B, in) features, in ``dtype``."""
-    bias = None if layer.bias is None else layer.bias.to(dtype)
-    return F.linear(x, layer.weight.flatten(1).to(dtype), bias)
+    weight, bias = cast(Tensor, layer.weight), cast("Tensor | None", layer.bias)
+    return F.linear(x, weight.flatten(1).to(dtype), None if bias is None else bias.to(dtype))
 
 
 class SqueezeExcite(nn.Module):
     """Level 1 of APNet-C: gate = sigmoid(W2 relu(W1 GAP(x))), bias-free (official SELayer)."""
 
-    def __init__(self, channels: int, hidden: int, **factory) -> None:
+    def __init__(self, channels: int, hidden: int, **factory: Any) -> None:
         super().__init__()
         self.fc = nn.Sequential(
             nn.Linear(channels, hidden, bias=False, **factory),
@@ -63,7 +63,8 @@ class SqueezeExcite(nn.Module):
 
     def reference(self, x: Tensor) -> Tensor:
         """The official SE layer on the map: x * fc(avg_pool(x))."""
-        return x * self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1)).view(*x.shape[:2], 1, 1)
+        gate: Tensor = self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return x * gate.view(*x.shape[:2], 1, 1)
 
 
 class SplitAttention(nn.Module):
@@ -73,8 +74,14 @@ class SplitAttention(nn.Module):
     follows it (official ``BN{k}.bottleneck2``; its bias is frozen).
     """
 
+    fc1: nn.Conv2d
+    fc2: nn.Conv2d
+    bn1: nn.Module
+    norm: nn.Module
+
     def __init__(
-        self, channels: int, groups: int, reduction: int, min_width: int, norm_layer: NormLayer, **factory
+        self, channels: int, groups: int, reduction: int, min_width: int, norm_layer: NormLayer,
+        **factory: Any,
     ) -> None:
         super().__init__()
         self.groups = groups
@@ -103,10 +110,12 @@ class SplitAttention(nn.Module):
         """The official SAMS (split, attend, merge) then BN2d, module by module."""
         b, c = x.shape[:2]
         parts = torch.split(x, c // self.groups, dim=1)
-        hidden = torch.relu(self.bn1(self.fc1(F.adaptive_avg_pool2d(sum(parts), 1))))
-        weights = self.fc2(hidden).view(b, self.groups, c // self.groups).softmax(1)
-        weights = torch.split(weights.view(b, c, 1, 1), c // self.groups, dim=1)
-        return self.norm(torch.cat([w * part for w, part in zip(weights, parts)], 1))
+        merged = cast(Tensor, sum(parts))
+        hidden = torch.relu(self.bn1(self.fc1(F.adaptive_avg_pool2d(merged, 1))))
+        softmax = self.fc2(hidden).view(b, self.groups, c // self.groups).softmax(1)
+        weights = torch.split(softmax.view(b, c, 1, 1), c // self.groups, dim=1)
+        out: Tensor = self.norm(torch.cat([w * part for w, part in zip(weights, parts)], 1))
+        return out
 
 
 class _ChannelMoments(torch.autograd.Function):
@@ -118,7 +127,7 @@ class _ChannelMoments(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(ctx: Any, x: Tensor) -> tuple[Tensor, Tensor]:
         mean = x.mean((2, 3), dtype=compute_dtype(x))
         centred = x - mean[:, :, None, None]
         var = torch.linalg.vector_norm(centred, dim=(2, 3)).square() / (x.shape[2] * x.shape[3])
@@ -127,7 +136,7 @@ class _ChannelMoments(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_mean: Tensor, grad_var: Tensor) -> Tensor:
+    def backward(ctx: Any, grad_mean: Tensor, grad_var: Tensor) -> Tensor:
         x, mean = ctx.saved_tensors
         count = x.shape[2] * x.shape[3]
         slope = 2 * grad_var / count
@@ -136,10 +145,11 @@ class _ChannelMoments(torch.autograd.Function):
             return torch.addcmul(offset[:, :, None, None], x, slope[:, :, None, None]).to(x.dtype)
 
 
-def _moments(x: Tensor, with_var: bool) -> Tuple[Tensor, Optional[Tensor]]:
+def _moments(x: Tensor, with_var: bool) -> tuple[Tensor, Tensor | None]:
     """Per-(sample, channel) spatial mean (B, C) and, if asked, biased variance (else None)."""
     if with_var:
-        return _ChannelMoments.apply(x)
+        mean, var = _ChannelMoments.apply(x)
+        return mean, var
     return x.mean((2, 3), dtype=compute_dtype(x)), None
 
 
@@ -199,6 +209,9 @@ class APNetC(ImplSwitch, nn.Module):
       map materialised at that level, and the levels after it fold again from its output.
     """
 
+    se: SqueezeExcite
+    split: nn.ModuleList  # of SplitAttention, levels 2 .. levels (typed view: _split_levels)
+
     def __init__(
         self,
         channels: int,
@@ -209,8 +222,8 @@ class APNetC(ImplSwitch, nn.Module):
         split_min_width: int = 32,
         norm_layer: NormLayer = nn.BatchNorm2d,
         impl: str = "fused",
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.channels = check_positive_int("channels", channels)
@@ -236,24 +249,28 @@ class APNetC(ImplSwitch, nn.Module):
                 "for a batch of 1); use a larger batch or call .eval()"
             )
         if self._impl == "reference" or x.shape[0] == 0:  # nothing to fuse on an empty batch
-            for level in reversed(self.split):
+            for level in reversed(self._split_levels()):
                 x = level.reference(x)
             return self.se.reference(x)
         return self._fused(x)
 
+    def _split_levels(self) -> list[SplitAttention]:
+        return cast("list[SplitAttention]", list(self.split))
+
     def _fused(self, x: Tensor) -> Tensor:
         count = x.shape[2] * x.shape[3]
+        levels = self._split_levels()
         # Exact BatchNorms are folded into the running affine map; any other norm is called as a
         # module on the map materialised so far (the gates stay on pooled features).
-        folded = [one_kernel([level.norm]) for level in self.split]
+        folded = [one_kernel([level.norm]) for level in levels]
         with_var = any(f and (level.norm.training or level.norm.running_mean is None)
-                       for f, level in zip(folded, self.split))
+                       for f, level in zip(folded, levels))
         with no_autocast(x):
             src = x
             mean, var = _moments(src, with_var)
             # The map so far is src * scale + (a shift): track scale and the map's spatial means.
             scale, pooled = torch.ones_like(mean), mean
-            for level, fold in zip(reversed(self.split), reversed(folded)):
+            for level, fold in zip(reversed(levels), reversed(folded)):
                 weight = level.gate(pooled)
                 scale, pooled = scale * weight, pooled * weight
                 if fold:

@@ -15,16 +15,17 @@ equation in :mod:`reid_attention.rga`), and
 from __future__ import annotations
 
 import copy
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
 from ._checks import check_input, check_levels, check_positive_int, feat_pair, layer_name
-from ._switches import ImplSwitch, MemorySwitch
 from ._norm import NormLayer
 from ._relation import RelationBranch, gate, lean_applies, relation_logits_fused
+from ._switches import ImplSwitch, MemorySwitch
 from .rga import RGA
 
 __all__ = ["APNetS"]
@@ -96,16 +97,16 @@ class APNetS(ImplSwitch, MemorySwitch, nn.Module):
     def __init__(
         self,
         channels: int,
-        feat_size: Tuple[int, int],
+        feat_size: tuple[int, int],
         *,
         levels: int = 2,
         min_width: int = 1,
         norm_layer: NormLayer = nn.BatchNorm2d,
         impl: str = "fused",
         memory: str = "default",
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
-        **rga_kw,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **rga_kw: Any,
     ) -> None:
         super().__init__()
         self.memory = memory
@@ -128,11 +129,15 @@ class APNetS(ImplSwitch, MemorySwitch, nn.Module):
         for agent in self.agents():
             agent.impl = impl
 
-    def agents(self) -> List[RGA]:
-        """Every stripe agent, level by level (top stripe first)."""
-        return [agent for level in self.levels for agent in level]
+    def _stripe_levels(self) -> list[list[RGA]]:
+        """The stripe agents of each level (a typed view of ``self.levels``)."""
+        return [cast("list[RGA]", list(level)) for level in cast("list[nn.ModuleList]", list(self.levels))]
 
-    def resized(self, feat_size: Tuple[int, int], *, mode: str = "bilinear") -> "APNetS":
+    def agents(self) -> list[RGA]:
+        """Every stripe agent, level by level (top stripe first)."""
+        return [agent for level in self._stripe_levels() for agent in level]
+
+    def resized(self, feat_size: tuple[int, int], *, mode: str = "bilinear") -> APNetS:
         """A copy for (H', W') maps: every stripe agent :meth:`RGA.resized` to its new stripe.
 
         H' must be divisible by the finest level's stripes. Exact like :meth:`RGA.resized` for
@@ -142,15 +147,15 @@ class APNetS(ImplSwitch, MemorySwitch, nn.Module):
         height, width = feat_pair("APNetS.resized", feat_size)
         check_levels("APNetS.resized", self.num_levels, "the height H", height)
         resized = copy.deepcopy(self)
-        for level in resized.levels:
-            for i, agent in enumerate(level):
-                level[i] = agent.resized((height // len(level), width), mode=mode)
+        for level, agents in zip(resized.levels, resized._stripe_levels()):
+            for i, agent in enumerate(agents):
+                cast(nn.ModuleList, level)[i] = agent.resized((height // len(agents), width), mode=mode)
         resized.feat_size = (height, width)
         return resized
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, layer_name(self), self.channels, self.feat_size)
-        for level in reversed(self.levels):
+        for level in reversed(self._stripe_levels()):
             if self._impl == "reference":
                 x = stripe_loop(x, level)
                 continue

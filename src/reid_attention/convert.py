@@ -31,7 +31,8 @@ extra, is imported when converting).
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,16 +52,16 @@ _APNET_VIEWS = {
 }
 
 
-def describe_keys(problems: Dict[str, List[str]]) -> str:
+def describe_keys(problems: dict[str, list[str]]) -> str:
     """'unexpected keys [...], missing keys [...]': the non-empty lists, at most 8 keys each."""
 
-    def show(keys: List[str]) -> str:
+    def show(keys: list[str]) -> str:
         return f"{keys[:8]}{f' ... ({len(keys)} in all)' if len(keys) > 8 else ''}"
 
     return ", ".join(f"{what} {show(keys)}" for what, keys in problems.items() if keys)
 
 
-def _unwrap(checkpoint: Mapping) -> Dict[str, Tensor]:
+def _unwrap(checkpoint: Mapping[Any, Any]) -> dict[str, Tensor]:
     """The state_dict of a checkpoint, without the DataParallel ``module.`` prefix."""
     if not isinstance(checkpoint, Mapping):
         raise TypeError(
@@ -75,7 +76,7 @@ def _unwrap(checkpoint: Mapping) -> Dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _backbone_keys() -> List[str]:
+def _backbone_keys() -> list[str]:
     """torchvision ResNet-50's state_dict keys without ``fc.*`` (built on the meta device)."""
     from torchvision.models import resnet50
 
@@ -83,11 +84,11 @@ def _backbone_keys() -> List[str]:
         return [k for k in resnet50(weights=None).state_dict() if not k.startswith("fc.")]
 
 
-def _bn(prefix: str) -> List[str]:
+def _bn(prefix: str) -> list[str]:
     return [f"{prefix}.{p}" for p in ("weight", "bias", "running_mean", "running_var")]
 
 
-def _check(what: str, out: Dict[str, Tensor], unexpected: List[str], attention_keys: List[str]) -> None:
+def _check(what: str, out: dict[str, Tensor], unexpected: list[str], attention_keys: list[str]) -> None:
     """Raise a ValueError naming unexpected keys and missing backbone / attention keys
     (num_batches_tracked is optional: older checkpoints lack it)."""
     required = [k for k in _backbone_keys() if not k.endswith("num_batches_tracked")] + attention_keys
@@ -96,7 +97,7 @@ def _check(what: str, out: Dict[str, Tensor], unexpected: List[str], attention_k
         raise ValueError(f"not an official {what} checkpoint: " + describe_keys(problems))
 
 
-def _rga_keys(prefix: str, axis: str) -> List[str]:
+def _rga_keys(prefix: str, axis: str) -> list[str]:
     """The parameter and statistics keys of one RGA axis (official RGA_Module names)."""
     keys = []
     for stem in ("theta", "phi", "gx", "gg"):
@@ -109,14 +110,14 @@ def _rga_keys(prefix: str, axis: str) -> List[str]:
     )
 
 
-def from_official_rga(state_dict: Mapping) -> Dict[str, Tensor]:
+def from_official_rga(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
     """Official RGA ResNet-50 checkpoint -> a state_dict for :func:`~reid_attention.presets.rga_resnet50`.
 
     Build the preset with the checkpoint's settings (input size, ``spatial``/``channel`` as the
     checkpoint has them, ratios) and load the result with ``strict=True``.
     """
     require("torchvision", feature="ra.convert.from_official_rga", extra="vision")
-    out: Dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
     unexpected = []
     for key, value in _unwrap(state_dict).items():
         key = key.removeprefix("backbone.")
@@ -136,7 +137,7 @@ def from_official_rga(state_dict: Mapping) -> Dict[str, Tensor]:
     return out
 
 
-def _apnet_key(key: str) -> Optional[str]:
+def _apnet_key(key: str) -> str | None:
     """The preset name of an official APNet key: '' for a head key (dropped), None for a key
     the official model does not have."""
     for view, name in _APNET_VIEWS.items():
@@ -156,7 +157,7 @@ def _apnet_key(key: str) -> Optional[str]:
     return "" if re.match(r"(bottleneck|classifier)\.", key) else None
 
 
-def from_official_apnet(state_dict: Mapping) -> Dict[str, Tensor]:
+def from_official_apnet(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
     """Official APNet (channel version, level 1 or 2) checkpoint -> a state_dict for
     :func:`~reid_attention.presets.apnet_resnet50` (``variant="c"``, the same ``level``).
 
@@ -164,7 +165,7 @@ def from_official_apnet(state_dict: Mapping) -> Dict[str, Tensor]:
     ``att_s*`` keys, else 1.
     """
     require("torchvision", feature="ra.convert.from_official_apnet", extra="vision")
-    out: Dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
     unexpected = []
     for key, value in _unwrap(state_dict).items():
         if re.match(r"(att_ss|BN_)[1-5]\.", key):

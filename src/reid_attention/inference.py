@@ -59,16 +59,14 @@ def fold_batchnorm_scales(module: nn.Module) -> nn.Module:
         if isinstance(seq, nn.Sequential):
             layers = list(seq)
             for conv, bn in zip(layers, layers[1:]):
-                if _foldable(conv, bn):
+                if isinstance(conv, _ConvNd) and isinstance(bn, _BatchNorm) and _foldable(conv, bn):
                     _fold(conv, bn)
     return folded
 
 
-def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+def _foldable(conv: _ConvNd, bn: _BatchNorm) -> bool:
     return (
-        isinstance(conv, _ConvNd)
-        and not conv.transposed
-        and isinstance(bn, _BatchNorm)
+        not conv.transposed
         and bn.affine
         and bn.track_running_stats
         and bn.num_features == conv.out_channels
@@ -80,14 +78,16 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 def _fold(conv: _ConvNd, bn: _BatchNorm) -> None:
     """Fold ``bn`` (eval mode) into ``conv``'s weight and leave ``bn`` as a pure shift."""
     f64 = torch.float64
-    scale = bn.weight.to(f64) * torch.rsqrt(bn.running_var.to(f64) + bn.eps)
+    running_mean, running_var = bn.running_mean, bn.running_var
+    assert running_mean is not None and running_var is not None  # _foldable: track_running_stats
+    scale = bn.weight.to(f64) * torch.rsqrt(running_var.to(f64) + bn.eps)
     conv_bias = conv.bias.to(f64) if conv.bias is not None else 0.0
-    shift = bn.bias.to(f64) + scale * (conv_bias - bn.running_mean.to(f64))
+    shift = bn.bias.to(f64) + scale * (conv_bias - running_mean.to(f64))
     weight_scale = scale.view(-1, *([1] * (conv.weight.dim() - 1)))
     conv.weight.copy_(conv.weight.to(f64) * weight_scale)
     if conv.bias is not None:
         conv.bias.zero_()
     bn.weight.fill_(1.0)
     bn.bias.copy_(shift)
-    bn.running_mean.zero_()
-    bn.running_var.fill_(1.0 - bn.eps)
+    running_mean.zero_()
+    running_var.fill_(1.0 - bn.eps)

@@ -47,7 +47,7 @@ sum, as the official code does, instead of by a clamped positive one.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -103,7 +103,7 @@ class _FusedPFSA(torch.autograd.Function):
     """x -> ``x * a`` (pool=False) or ``sum_p a_p x_p`` (pool=True) with a one-pass backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, normalize: str, eps: float, scale: float, pool: bool) -> Tensor:
+    def forward(ctx: Any, x: Tensor, normalize: str, eps: float, scale: float, pool: bool) -> Tensor:
         b, c = x.shape[:2]
         m = x.mean(1, dtype=compute_dtype(x)).flatten(1)  # (B, N)
         total = m.sum(1, keepdim=True)
@@ -119,7 +119,7 @@ class _FusedPFSA(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> Tuple[Tensor, None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         x, a, total = ctx.saved_tensors
         b, c, h, w = x.shape
         with no_autocast(x):
@@ -163,14 +163,14 @@ class ParameterFreeSpatialAttention(ImplSwitch, nn.Module):
 
     def __init__(
         self,
-        channels: Optional[int] = None,
+        channels: int | None = None,
         *,
         normalize: str = "sum",
         eps: float = 1e-12,
         preserve_scale: bool = False,
         impl: str = "fused",
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if channels is not None:
@@ -214,7 +214,8 @@ class ParameterFreeSpatialAttention(ImplSwitch, nn.Module):
         check_input(x, type(self).__name__)
         with no_autocast(x):
             if self._impl == "fused":
-                return _FusedPFSA.apply(x, self.normalize, self.eps, self._scale(x), pool)
+                out: Tensor = _FusedPFSA.apply(x, self.normalize, self.eps, self._scale(x), pool)
+                return out
             weighted = x * self._weights(x).view(x.shape[0], 1, *x.shape[2:]).to(x.dtype)
             return weighted.sum((2, 3)) if pool else weighted
 

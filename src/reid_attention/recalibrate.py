@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -52,9 +52,9 @@ def _images(batch: Any, index: int) -> Tensor:
         key = next((k for k in IMAGE_KEYS if k in batch), None)
         if key is None:
             raise KeyError(
-                f"recalibrate_norms: batch {index} is a dict without an image entry: expected one of the keys "
-                f"{IMAGE_KEYS} (torchreid, fast-reid), got {sorted(map(str, batch))}; pass a generator of image "
-                "tensors instead, e.g. (b['x'] for b in loader)"
+                f"recalibrate_norms: batch {index} is a dict without an image entry: expected one of the "
+                f"keys {IMAGE_KEYS} (torchreid, fast-reid), got {sorted(map(str, batch))}; pass a generator "
+                "of image tensors instead, e.g. (b['x'] for b in loader)"
             )
         images = batch[key]
     elif isinstance(batch, (tuple, list)):
@@ -63,13 +63,13 @@ def _images(batch: Any, index: int) -> Tensor:
         images = batch[0]
     if not isinstance(images, Tensor):
         raise TypeError(
-            f"recalibrate_norms: batch {index} must be an image tensor, a tuple/list whose first item is one, or a "
-            f"dict holding one under {IMAGE_KEYS}; got {type(images).__name__}"
+            f"recalibrate_norms: batch {index} must be an image tensor, a tuple/list whose first item is "
+            f"one, or a dict holding one under {IMAGE_KEYS}; got {type(images).__name__}"
         )
     return images
 
 
-def _check(num_batches: Optional[int], momentum: Optional[float]) -> None:
+def _check(num_batches: int | None, momentum: float | None) -> None:
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
                                     or num_batches < 1):
         raise ValueError(f"num_batches must be None (every batch) or a positive int, got {num_batches!r}")
@@ -78,13 +78,20 @@ def _check(num_batches: Optional[int], momentum: Optional[float]) -> None:
         raise ValueError(f"momentum must be None (cumulative average) or a float in (0, 1], got {momentum!r}")
 
 
+def _running_stats(norm: _BatchNorm) -> tuple[Tensor, Tensor, Tensor]:
+    """``running_mean``, ``running_var`` and ``num_batches_tracked`` of a norm that tracks them."""
+    mean, var, count = norm.running_mean, norm.running_var, norm.num_batches_tracked
+    assert mean is not None and var is not None and count is not None  # track_running_stats
+    return mean, var, count
+
+
 @torch.no_grad()
 def recalibrate_norms(
     model: nn.Module,
     batches: Iterable[Any],
     *,
-    num_batches: Optional[int] = None,
-    momentum: Optional[float] = None,
+    num_batches: int | None = None,
+    momentum: float | None = None,
 ) -> nn.Module:
     """Re-estimate the running statistics of every BatchNorm of ``model`` on ``batches``, in place.
 
@@ -148,8 +155,8 @@ def recalibrate_norms(
 
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in norms}
-    saved = {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms}
-    device = norms[0].running_mean.device
+    saved = {m: tuple(t.clone() for t in _running_stats(m)) for m in norms}
+    device = _running_stats(norms[0])[0].device
     try:
         for m in norms:
             if momentum is None:
@@ -160,13 +167,14 @@ def recalibrate_norms(
             model(_images(batch, index).to(device, non_blocking=True))
     except BaseException:
         for m, (mean, var, count) in saved.items():
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(count)
+            running_mean, running_var, num_batches_tracked = _running_stats(m)
+            running_mean.copy_(mean)
+            running_var.copy_(var)
+            num_batches_tracked.copy_(count)
         raise
     finally:
         for m, value in momenta.items():
             m.momentum = value
-        for m, training in modes.items():
-            m.training = training
+        for module, training in modes.items():
+            module.training = training
     return model

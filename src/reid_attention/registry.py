@@ -6,7 +6,7 @@ the map size (RGA, APNet-S) refuse a missing ``feat_size``, the others ignore it
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, cast
 
 from torch import nn
 
@@ -23,7 +23,7 @@ class _Entry(NamedTuple):
     summary: str
 
 
-_REGISTRY: Dict[str, _Entry] = {}
+_REGISTRY: dict[str, _Entry] = {}
 
 
 def register_attention(name: str, factory: Factory, *, needs_feat_size: bool, summary: str = "") -> None:
@@ -33,7 +33,7 @@ def register_attention(name: str, factory: Factory, *, needs_feat_size: bool, su
     _REGISTRY[name] = _Entry(factory, needs_feat_size, summary)
 
 
-def list_attentions() -> List[str]:
+def list_attentions() -> list[str]:
     """Registered attention names, sorted."""
     return sorted(_REGISTRY)
 
@@ -50,7 +50,7 @@ def _entry(name: str) -> _Entry:
     return _REGISTRY[name]
 
 
-def create_attention(name: str, channels: int, feat_size: Optional[SizeLike] = None, **kwargs) -> nn.Module:
+def create_attention(name: str, channels: int, feat_size: SizeLike | None = None, **kwargs: Any) -> nn.Module:
     """Build a registered attention for a (B, channels, *feat_size) feature map."""
     entry = _entry(name)
     check_positive_int("channels", channels)  # also for kinds without weights (pfsa)
@@ -61,27 +61,28 @@ def create_attention(name: str, channels: int, feat_size: Optional[SizeLike] = N
 
 
 def _rga(spatial: bool, channel: bool) -> Factory:
-    def make(channels: int, feat_size: SizeLike, **kw) -> nn.Module:
+    def make(channels: int, feat_size: SizeLike, **kw: Any) -> nn.Module:
         from .rga import RGA
 
-        return RGA(channels, feat_size, spatial=spatial, channel=channel, **kw)
+        size = cast("tuple[int, int]", feat_size)  # RGA checks it (an int is refused there)
+        return RGA(channels, size, spatial=spatial, channel=channel, **kw)
 
     return make
 
 
-def _pfsa(channels: int, feat_size: Optional[SizeLike], **kw) -> nn.Module:
+def _pfsa(channels: int, feat_size: SizeLike | None, **kw: Any) -> nn.Module:
     from .pfsa import ParameterFreeSpatialAttention
 
     return ParameterFreeSpatialAttention(channels, **kw)
 
 
-def _apnet_c(channels: int, feat_size: Optional[SizeLike], **kw) -> nn.Module:
+def _apnet_c(channels: int, feat_size: SizeLike | None, **kw: Any) -> nn.Module:
     from .apnet_c import APNetC
 
     return APNetC(channels, **kw)
 
 
-def _apnet_s(channels: int, feat_size: SizeLike, *, levels: Optional[int] = None, **kw) -> nn.Module:
+def _apnet_s(channels: int, feat_size: SizeLike, *, levels: int | None = None, **kw: Any) -> nn.Module:
     """APNet-S; without ``levels``: 2, or 1 where the map height is odd (e.g. a 7x7 stage end)."""
     from ._checks import max_levels
     from .apnet_s import APNetS

@@ -42,7 +42,7 @@ Step 6 is ``modules.gate`` on the other paths. The layers call the core's entry 
 from __future__ import annotations
 
 import copy
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -50,15 +50,15 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ._checks import check_input, check_positive_int, feat_pair, layer_name
-from ._precision import autocast_dtype, compute_dtype, no_autocast
-from ._switches import ImplSwitch, MemorySwitch
 from ._norm import NormLayer
+from ._precision import autocast_dtype, compute_dtype, no_autocast
 from ._relation import (
     AxisWidths,
     DoubleGate,
     GatedChannelProjection,
     RelationBranch,
     build_branch,
+    conv_weight,
     gate,
     gate_values,
     lean_applies,
@@ -67,6 +67,7 @@ from ._relation import (
     relation_logits_fused,
     relation_logits_reference,
 )
+from ._switches import ImplSwitch, MemorySwitch
 
 __all__ = ["RGA"]
 
@@ -74,7 +75,7 @@ __all__ = ["RGA"]
 RESIZE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
 
 
-def resample_positions(weight: Tensor, old: Tuple[int, int], new: Tuple[int, int], mode: str) -> Tensor:
+def resample_positions(weight: Tensor, old: tuple[int, int], new: tuple[int, int], mode: str) -> Tensor:
     """A 1x1 conv weight (O, P * H*W, 1, 1) whose input axis is P rasters of an H x W map,
     resampled to ``new`` and scaled by ``(H*W) / (H'*W')`` so that sums over positions keep their
     size (see :meth:`RGA.resized`)."""
@@ -85,16 +86,17 @@ def resample_positions(weight: Tensor, old: Tuple[int, int], new: Tuple[int, int
     return (resampled * scale).reshape(out_channels, halves * new[0] * new[1], 1, 1).to(weight.dtype)
 
 
-def _replace_conv_input(conv: nn.Conv2d, weight: Tensor) -> None:
+def _replace_conv_input(conv: nn.Module, weight: Tensor) -> None:
     """Give a 1x1 conv a new weight (and input width), keeping its requires_grad."""
-    conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
-    conv.in_channels = weight.shape[1]
+    conv2d = cast(nn.Conv2d, conv)  # a slot of an official Sequential
+    conv2d.weight = nn.Parameter(weight, requires_grad=conv2d.weight.requires_grad)
+    conv2d.in_channels = weight.shape[1]
 
 
 class Route(NamedTuple):
     """How one call of an :class:`RGA` runs (see the reading map above)."""
 
-    paths: Dict[str, str]  # axis -> "reference", "fused" or "fused-lean"
+    paths: dict[str, str]  # axis -> "reference", "fused" or "fused-lean"
     sc_training: bool  # RGA-SC's training route: y1 = x * s1 recomputed in backward, not kept
 
 
@@ -135,7 +137,7 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
     def __init__(
         self,
         channels: int,
-        feat_size: Tuple[int, int],
+        feat_size: tuple[int, int],
         *,
         spatial: bool = True,
         channel: bool = True,
@@ -146,8 +148,8 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
         norm_layer: NormLayer = nn.BatchNorm2d,
         impl: str = "fused",
         memory: str = "default",
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.channels = check_positive_int("channels", channels)
@@ -163,7 +165,7 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
         positions = self.feat_size[0] * self.feat_size[1]
         inter_channel = max(min_width, channels // channel_ratio)
         inter_spatial = max(min_width, positions // spatial_ratio)
-        self.widths: Dict[str, AxisWidths] = {}
+        self.widths: dict[str, AxisWidths] = {}
         axes = {}
         factory = dict(device=device, dtype=dtype)
         if spatial:
@@ -184,7 +186,7 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
         """The official sub-networks of ``axis`` ("spatial" or "channel")."""
         return RelationBranch(*(getattr(self, f"{stem}_{axis}") for stem in RelationBranch._fields))
 
-    def resized(self, feat_size: Tuple[int, int], *, mode: str = "bilinear") -> "RGA":
+    def resized(self, feat_size: tuple[int, int], *, mode: str = "bilinear") -> RGA:
         """A copy of this module for (H', W') maps: resolution transfer of the trained weights.
 
         The weights meet the map size only on axes indexed by position: the 2N inputs of
@@ -215,13 +217,14 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
         if mode not in RESIZE_MODES:
             raise ValueError(f"mode must be one of {RESIZE_MODES}, got {mode!r}")
         resized = copy.deepcopy(self)
-        positional = []
+        positional: list[nn.Module] = []
         if self.spatial:
-            positional.append(resized.gg_spatial[0])
+            positional.append(resized.branch("spatial").gg[0])
         if self.channel:
-            positional += [resized.theta_channel[0], resized.phi_channel[0], resized.gx_channel[0]]
+            channel = resized.branch("channel")
+            positional += [channel.theta[0], channel.phi[0], channel.gx[0]]
         for conv in positional:
-            _replace_conv_input(conv, resample_positions(conv.weight, self.feat_size, new_size, mode))
+            _replace_conv_input(conv, resample_positions(conv_weight(conv), self.feat_size, new_size, mode))
         resized.feat_size = new_size
         return resized
 
@@ -268,7 +271,7 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
             x = gate(x, self._logits(channel_tokens, "channel", route.paths["channel"]), (b, c, 1, 1))
         return x
 
-    def _spatial_then_channel(self, x: Tensor, paths: Dict[str, str]) -> Tensor:
+    def _spatial_then_channel(self, x: Tensor, paths: dict[str, str]) -> Tensor:
         """RGA-SC's training route: the same function as gating twice, without keeping the
         spatially gated map y1 = x * s1 for backward (x, already kept by the spatial gate, and
         the two gates are kept; y1 is recomputed where backward needs it)."""
@@ -279,7 +282,8 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
         with no_autocast(x):
             proj, y1 = GatedChannelProjection.apply(x, s1, projection_weight([branch])[0], gemm_dtype)
         logits = logits_from_projections(proj, [branch], lean=paths["channel"] == "fused-lean")
-        return DoubleGate.apply(x, s1, gate_values(logits, (b, c, 1, 1), x.dtype), y1)
+        out: Tensor = DoubleGate.apply(x, s1, gate_values(logits, (b, c, 1, 1), x.dtype), y1)
+        return out
 
     def extra_repr(self) -> str:
         kind = {(True, True): "sc", (True, False): "s", (False, True): "c"}[(self.spatial, self.channel)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
-from typing import Callable, List, Optional
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from .insert import Site, default_sites, list_sites
 COLUMNS = ("name", "channels", "map", "stride", "layout", "default")
 
 
-def _builder(name: str) -> Optional[Callable[[], nn.Module]]:
+def _builder(name: str) -> Callable[[], nn.Module] | None:
     """A constructor of model ``name`` (torchvision first, then timm), or None.
 
     Raises MissingExtraError without torchvision, or without timm for a name torchvision lacks.
@@ -61,7 +61,7 @@ def build_model(name: str) -> nn.Module:
             return builder().eval()
 
 
-def rows(sites: List[Site], defaults: List[Site]) -> List[dict]:
+def rows(sites: list[Site], defaults: list[Site]) -> list[dict[str, Any]]:
     chosen = {site.name for site in defaults}
     return [
         {
@@ -76,7 +76,7 @@ def rows(sites: List[Site], defaults: List[Site]) -> List[dict]:
     ]
 
 
-def table(entries: List[dict]) -> str:
+def table(entries: list[dict[str, Any]]) -> str:
     """The rows as an aligned text table."""
     cells = [list(COLUMNS)] + [
         [e["name"], str(e["channels"]), "x".join(map(str, e["feat_size"])), str(e["stride"]), e["layout"],
@@ -102,7 +102,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     try:

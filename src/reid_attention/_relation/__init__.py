@@ -23,13 +23,13 @@ what the layers import.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import Tensor
 
 from .fused import DoubleGate, GatedChannelProjection, fused_logits, projection_weight, projections
 from .lean import LeanEmbedding, lean_applies, lean_logits
-from .modules import AxisWidths, RelationBranch, build_branch, gate, gate_values
+from .modules import AxisWidths, RelationBranch, build_branch, conv_weight, gate, gate_values
 from .reference import relation_logits_reference
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "LeanEmbedding",
     "RelationBranch",
     "build_branch",
+    "conv_weight",
     "gate",
     "gate_values",
     "lean_applies",

@@ -27,7 +27,8 @@ step of :func:`after_projections` and recomputes everything after the projection
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +36,15 @@ from torch import Tensor, nn
 
 from .._norm import norm_channels
 from .._precision import compute_dtype, no_autocast
-from .modules import CBRParts, RelationBranch, WParts, activate
+from .modules import CBRParts, RelationBranch, WParts, activate, conv_weight
 
 # (theta_phi, branches, w1e) -> W1_E E (B, G, k, n): the embedding step of after_projections
 EmbeddingStep = Callable[[Tensor, Sequence[RelationBranch], Tensor], Tensor]
 
 
-def stacked_weights(convs: Sequence[nn.Conv2d], dtype: torch.dtype) -> Tensor:
+def stacked_weights(convs: Sequence[nn.Module], dtype: torch.dtype) -> Tensor:
     """Stack 1x1 conv weights (O, I, 1, 1) of one shape into (G, O, I) (a view for one conv)."""
-    weights = [c.weight.flatten(1) for c in convs]
+    weights = [conv_weight(c).flatten(1) for c in convs]
     stacked = weights[0].unsqueeze(0) if len(weights) == 1 else torch.stack(weights)
     return stacked.to(dtype)
 
@@ -72,7 +73,7 @@ def _project(weight: Tensor, tokens: Tensor) -> Tensor:
     return F.conv1d(t, weight[0].unsqueeze(-1)).unsqueeze(1)
 
 
-def projection_parts(branches: Sequence[RelationBranch]) -> list:
+def projection_parts(branches: Sequence[RelationBranch]) -> list[CBRParts]:
     """theta, phi and g of every agent, in the order of the projection GEMM's output channels."""
     return [p for b in branches for p in (CBRParts(*b.theta), CBRParts(*b.phi), CBRParts(*b.gx))]
 
@@ -92,7 +93,7 @@ def projections(tokens: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
 
 def activated_projections(
     proj: Tensor, branches: Sequence[RelationBranch], dtype: torch.dtype, update_statistics: bool = True
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """The projections' norms and activations, in ``dtype``: theta_phi (B, G, 2, d', n) and the
     channel mean of g (B, G, 1, n)."""
     batch, groups, width, n = proj.shape
@@ -199,7 +200,7 @@ class GatedChannelProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, s1: Tensor, weight: Tensor, dtype: torch.dtype):
+    def forward(ctx: Any, x: Tensor, s1: Tensor, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(x, s1, weight)
         ctx.dtype = dtype
         ctx.set_materialize_grads(False)  # y1 gets no gradient: no map of zeros for it
@@ -209,7 +210,7 @@ class GatedChannelProjection(torch.autograd.Function):
         return proj.transpose(1, 2).unsqueeze(1), y1
 
     @staticmethod
-    def backward(ctx, grad: Optional[Tensor], _):
+    def backward(ctx: Any, grad: Tensor | None, _: object) -> tuple[Tensor | None, ...]:
         if grad is None:  # the projection is unused
             return None, None, None, None
         x, s1, weight = ctx.saved_tensors
@@ -228,12 +229,12 @@ class DoubleGate(torch.autograd.Function):
     grad_s2 = sum_hw u * s1 and grad_s1 = sum_c u * s2, each one batched matrix-vector product."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, s1: Tensor, s2: Tensor, y1: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, s1: Tensor, s2: Tensor, y1: Tensor) -> Tensor:
         ctx.save_for_backward(x, s1, s2)
         return y1 * s2
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, s1, s2 = ctx.saved_tensors
         b, c, h, w = x.shape
         u = (grad * x).flatten(2)  # (B, C, HW)

@@ -40,7 +40,8 @@ same function and gradients as the autograd form up to rounding order, for exact
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -51,10 +52,17 @@ from .._precision import compute_dtype, no_autocast
 from .fused import after_projections, factors, folded_rows, projection_parts, stacked_weights, weight_halves
 from .modules import RelationBranch
 
+if TYPE_CHECKING:
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from typing_extensions import TypeAlias
+
+    # What LeanEmbedding's first run stashes: a, t, S a (None under running statistics), mu, sigma^2, H.
+    _FirstRun: TypeAlias = tuple[Tensor, Tensor, Optional[Tensor], Tensor, Tensor, Tensor]
+
 CHUNK_ELEMENTS = 1 << 20  # values of E per chunk (4 MiB in float32)
 
 
-def _chunks(batch: int, per_sample: int) -> List[slice]:
+def _chunks(batch: int, per_sample: int) -> list[slice]:
     step = max(1, CHUNK_ELEMENTS // max(1, per_sample))
     return [slice(i, i + step) for i in range(0, batch, step)]
 
@@ -76,7 +84,7 @@ def _means(a: Tensor, tp_mean: Tensor) -> Tensor:
     return torch.matmul(tp_mean.transpose(2, 3), a).squeeze(2)
 
 
-def _scaled(a: Tensor, means: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor]:
+def _scaled(a: Tensor, means: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
     """a D and the per-sample shift (B, G, n/s, 1) of BN(E) = (a D)^T tc + shift."""
     return a * scale.transpose(1, 2), shift + scale * means.unsqueeze(-1)
 
@@ -90,7 +98,10 @@ def _product(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
     return torch.matmul(torch.matmul(x, y), z)
 
 
-def _first_run(theta_phi: Tensor, w_gg: Tensor, w1e: Tensor, weight, bias, norms, batch_stats: bool):
+def _first_run(
+    theta_phi: Tensor, w_gg: Tensor, w1e: Tensor, weight: Tensor | None, bias: Tensor | None,
+    norms: Sequence[_BatchNorm], batch_stats: bool,
+) -> _FirstRun:
     """a, theta_phi's mean t, S a (under batch statistics), the norm's statistics (running
     statistics updated) and H, the last in chunks."""
     batch, groups, _, d_inner, n = theta_phi.shape
@@ -120,14 +131,15 @@ def _first_run(theta_phi: Tensor, w_gg: Tensor, w1e: Tensor, weight, bias, norms
     return a, tp_mean, cov_a, mu, sigma2, out
 
 
-def _norm_coefficients(mu: Tensor, sigma2: Tensor, weight, bias, eps: float, shape
-                       ) -> Tuple[Tensor, Tensor, Tensor]:
+def _norm_coefficients(
+    mu: Tensor, sigma2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, shape: tuple[int, ...]
+) -> tuple[Tensor, Tensor, Tensor]:
     """1 / sigma, and BN(y) = y * scale + shift, each as ``shape`` (copies, not views: they are
     saved for backward, where torch.compile refuses views)."""
     invstd = torch.rsqrt(sigma2 + eps)
     scale = invstd if weight is None else weight * invstd
     shift = -mu * scale if bias is None else bias - mu * scale
-    return tuple(t.reshape(shape).clone() for t in (invstd, scale, shift))
+    return invstd.reshape(shape).clone(), scale.reshape(shape).clone(), shift.reshape(shape).clone()
 
 
 class LeanEmbedding(torch.autograd.Function):
@@ -144,12 +156,15 @@ class LeanEmbedding(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, theta_phi, w_gg, w1e, weight, bias, norms: Sequence[nn.Module], stash: list):
+    def forward(
+        ctx: Any, theta_phi: Tensor, w_gg: Tensor, w1e: Tensor, weight: Tensor | None, bias: Tensor | None,
+        norms: Sequence[_BatchNorm], stash: list[Tensor | None],
+    ) -> Tensor:
         first = norms[0]
         ctx.batch_statistics = first.training or first.running_mean is None
         ctx.affine = (weight is not None, bias is not None)
         if stash:  # a recomputation: the first run's results (a copy of H, which becomes an output)
-            a, tp_mean, cov_a, mu, sigma2, out = stash
+            a, tp_mean, cov_a, mu, sigma2, out = cast("_FirstRun", tuple(stash))
             out = out.clone()
         else:
             a, tp_mean, cov_a, mu, sigma2, out = _first_run(
@@ -163,7 +178,7 @@ class LeanEmbedding(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_h: Tensor):
+    def backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor | None, ...]:
         theta_phi, a, tp_mean, cov_a, w_gg, w1e, mu, invstd, scale, shift = ctx.saved_tensors
         batch, groups, _, d_inner, n = theta_phi.shape
         n_inner = w_gg.shape[1]
@@ -219,12 +234,16 @@ class LeanEmbedding(torch.autograd.Function):
         return grad_theta_phi, grad_w_gg, grad_w1e, grad_weight, grad_bias, None, None
 
 
-def lean_embedding(theta_phi: Tensor, branches: Sequence[RelationBranch], w1e: Tensor, stash: list) -> Tensor:
+def lean_embedding(
+    theta_phi: Tensor, branches: Sequence[RelationBranch], w1e: Tensor, stash: list[Tensor | None]
+) -> Tensor:
     """W1_E E (B, G, k, n) by :class:`LeanEmbedding`: the embedding step of
     :func:`~reid_attention._relation.fused.after_projections` on the lean form."""
-    norms = [b.gg[1] for b in branches]
+    norms = cast("list[_BatchNorm]", [b.gg[1] for b in branches])  # exact BatchNorms (lean_applies)
     w_gg = stacked_weights([b.gg[0] for b in branches], theta_phi.dtype)
-    return LeanEmbedding.apply(theta_phi, w_gg, w1e, *affine_parameters(norms, theta_phi.dtype), norms, stash)
+    weight, bias = affine_parameters(norms, theta_phi.dtype)
+    out: Tensor = LeanEmbedding.apply(theta_phi, w_gg, w1e, weight, bias, norms, stash)
+    return out
 
 
 def recomputable(branches: Sequence[RelationBranch]) -> bool:
@@ -256,7 +275,7 @@ def lean_logits(proj: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
     """
     with no_autocast(proj):
         dtype = compute_dtype(proj)
-        stash: list = []
+        stash: list[Tensor | None] = []
 
         def embedding_step(theta_phi: Tensor, branches: Sequence[RelationBranch], w1e: Tensor) -> Tensor:
             return lean_embedding(theta_phi, branches, w1e, stash)

@@ -10,7 +10,8 @@ conv 0, norm 1, ReLU 2, conv 3, norm 4. Both paths read these modules slot by sl
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,11 @@ class RelationBranch(NamedTuple):
     gx: nn.Sequential  # step 4: CBR(d -> d'), averaged over its channels
     gg: nn.Sequential  # step 3: CBR(2n -> n/s), embeds the relation vectors
     W: nn.Sequential  # step 5: conv(1 + n/s -> k), norm, ReLU, conv(k -> 1), norm
+
+
+def conv_weight(conv: nn.Module) -> Tensor:
+    """The weight of a conv slot of an official Sequential (indexing types its slots as nn.Module)."""
+    return cast(Tensor, conv.weight)
 
 
 class CBRParts(NamedTuple):
@@ -54,14 +60,16 @@ class AxisWidths(NamedTuple):
     hidden: int  # k: hidden width of the W network
 
 
-def cbr(inp: int, out: int, norm_layer: NormLayer, **factory) -> nn.Sequential:
+def cbr(inp: int, out: int, norm_layer: NormLayer, **factory: Any) -> nn.Sequential:
     """1x1 conv without bias, norm, ReLU: the official modules' building block."""
     return nn.Sequential(
         nn.Conv2d(inp, out, 1, bias=False, **factory), make_norm(norm_layer, out, **factory), nn.ReLU()
     )
 
 
-def build_branch(features: int, tokens: int, widths: AxisWidths, norm_layer: NormLayer, **factory) -> dict:
+def build_branch(
+    features: int, tokens: int, widths: AxisWidths, norm_layer: NormLayer, **factory: Any
+) -> dict[str, nn.Module]:
     """Modules of one agent, keyed by the official attribute stem."""
     d_inner, n_inner, hidden = widths
     return dict(

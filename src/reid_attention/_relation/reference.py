@@ -13,18 +13,18 @@ from torch import Tensor, nn
 
 from .._norm import norm_channels
 from .._precision import compute_dtype, no_autocast
-from .modules import RelationBranch, activate
+from .modules import RelationBranch, activate, conv_weight
 
 
 def _official(seq: nn.Sequential, t: Tensor, dtype: torch.dtype) -> Tensor:
     """An official Sequential (conv, norm, act [, conv, norm]) on tokens (B, c, n), slot by slot:
     the first 1x1 conv in t's dtype (autocast applies), everything after it in ``dtype``; the
     norms through :func:`norm_channels`, as on the fused path, and the activation's module."""
-    y = torch.matmul(seq[0].weight.flatten(1).to(t.dtype), t)
+    y = torch.matmul(conv_weight(seq[0]).flatten(1).to(t.dtype), t)
     with no_autocast(t):
         y = activate(norm_channels(y.to(dtype), [seq[1]]), [seq[2]])
         if len(seq) == 5:  # the W network's second conv and norm
-            y = norm_channels(torch.matmul(seq[3].weight.flatten(1).to(dtype), y), [seq[4]])
+            y = norm_channels(torch.matmul(conv_weight(seq[3]).flatten(1).to(dtype), y), [seq[4]])
     return y
 
 

@@ -10,7 +10,8 @@ import argparse
 import difflib
 import os
 import pathlib
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -76,11 +77,11 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _sizes(text: str) -> List[Tuple[int, int]]:
+def _sizes(text: str) -> list[tuple[int, int]]:
     return [parse_size(t) for t in text.split(",")]
 
 
-def parse_sites(text: str) -> List[BenchSite]:
+def parse_sites(text: str) -> list[BenchSite]:
     """``"256:64x32,512:32x16"`` -> [(256, (64, 32)), (512, (32, 16))]; every number positive."""
     sites = []
     for item in filter(None, text.split(",")):
@@ -97,7 +98,7 @@ def parse_sites(text: str) -> List[BenchSite]:
     return sites
 
 
-def _layer_sites(text: str) -> Union[str, List[BenchSite]]:
+def _layer_sites(text: str) -> str | list[BenchSite]:
     """A keyword of ``SITE_KEYWORDS`` or an explicit list of sites."""
     if text in SITE_KEYWORDS:
         return text
@@ -110,11 +111,11 @@ def _layer_sites(text: str) -> Union[str, List[BenchSite]]:
 
 
 def _one_of(choices: Sequence[str], what: str, *, many: bool = False, all_word: bool = False,
-            listing: Optional[str] = None) -> Callable:
+            listing: str | None = None) -> Callable[[str], str | list[str]]:
     """A type accepting one of ``choices`` (``many``: a comma-separated list; ``all_word``: or
     'all'), hinting near misses; ``listing`` replaces the list of choices in the message."""
 
-    def convert(text: str):
+    def convert(text: str) -> str | list[str]:
         if all_word and text == "all":
             return list(choices)
         items = text.split(",") if many else [text]
@@ -154,7 +155,9 @@ def _backbone(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
     names = torchvision.models.list_models(module=torchvision.models)
     listing = "a name of torchvision.models.list_models(module=torchvision.models), e.g. resnet50"
-    return _one_of(names, "torchvision classification model", listing=listing)(text)
+    name = _one_of(names, "torchvision classification model", listing=listing)(text)
+    assert isinstance(name, str)  # one choice, not a list (many=False)
+    return name
 
 
 def _writable(text: str) -> pathlib.Path:
@@ -196,11 +199,11 @@ class BenchParser(OneLineParser):
     remembers its arguments and option names (for the hint of :func:`misplaced_hint`);
     ``commands`` maps each command to its parser (on the top-level parser)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.arguments: List[argparse.Action] = []
-        self.options: List[str] = []
-        self.commands: Dict[str, "BenchParser"] = {}
-        super().__init__(*args, formatter_class=_HelpFormatter, **kwargs)
+    def __init__(self, **kwargs: Any) -> None:
+        self.arguments: list[argparse.Action] = []
+        self.options: list[str] = []
+        self.commands: dict[str, BenchParser] = {}
+        super().__init__(formatter_class=_HelpFormatter, **kwargs)
 
     def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
         action = super().add_argument(*args, **kwargs)
@@ -209,7 +212,7 @@ class BenchParser(OneLineParser):
         return action
 
 
-def _add_common(p: argparse.ArgumentParser, batch: int, memory_batch: Optional[int]) -> None:
+def _add_common(p: argparse.ArgumentParser, batch: int, memory_batch: int | None) -> None:
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="float32, or autocast to bfloat16 / float16")
@@ -299,7 +302,7 @@ def build_parser() -> BenchParser:
     return parser
 
 
-def normalise_argv(argv: Sequence[str]) -> List[str]:
+def normalise_argv(argv: Iterable[str]) -> list[str]:
     """Options without a command run the default configuration (``bench --threads 2``)."""
     argv = list(argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
@@ -307,7 +310,7 @@ def normalise_argv(argv: Sequence[str]) -> List[str]:
     return argv
 
 
-def misplaced_hint(extra: Sequence[str], command: str, commands: Dict[str, BenchParser]) -> str:
+def misplaced_hint(extra: Sequence[str], command: str, commands: dict[str, BenchParser]) -> str:
     """A hint naming the commands that do take an option given to the wrong one (or, for a
     word where the command goes, the commands there are)."""
     if command == "default" and not extra[0].startswith("-"):

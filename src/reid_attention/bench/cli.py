@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from .args import build_parser, check_buildable, check_extras, misplaced_hint, normalise_argv
 from .jobs import run
@@ -21,7 +21,7 @@ from .render import exit_status, print_text, render, write_files
 __all__ = ["main", "build_parser", "normalise_argv", "check_buildable"]
 
 
-def main(argv: Optional[Iterable[str]] = None) -> int:
+def main(argv: Iterable[str] | None = None) -> int:
     """Run ``reid-attention bench`` with ``argv`` (default: ``sys.argv[1:]``); the exit status."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" noise
     parser = build_parser()

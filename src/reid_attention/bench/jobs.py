@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any, Callable, cast
 
 import torch
 
@@ -24,12 +25,12 @@ __all__ = ["BenchSite", "Job", "DEFAULT_SITES", "STEP_TEXT", "layer_cases", "swe
            "network_jobs", "sweep_jobs", "with_overhead", "run_jobs", "run"]
 
 # (channels, (H, W)) of a benchmarked layer: a site of the papers, not an ``insert.Site``.
-BenchSite = Tuple[int, Tuple[int, int]]
-Job = Tuple[str, Callable[[], Dict[str, Any]]]
+BenchSite = tuple[int, tuple[int, int]]
+Job = tuple[str, Callable[[], dict[str, Any]]]
 
 # The default run's site per family: RGA's and PFSA's largest paper site (layer1) and APNet's
 # layer3 (1024 x 24x12); APNet-S's reference at the 96x48 stem alone takes over a minute on 2 cores.
-DEFAULT_SITES: Dict[str, BenchSite] = {"rga": (256, (64, 32)), "pfsa": (256, (96, 32)),
+DEFAULT_SITES: dict[str, BenchSite] = {"rga": (256, (64, 32)), "pfsa": (256, (96, 32)),
                                        "apnet": (1024, (24, 12))}
 STEP_TEXT = {"optimizer": "forward + loss + backward + SGD momentum step + zero_grad(set_to_none=True)",
              "accumulate": "forward().backward(grad), gradients accumulating"}
@@ -39,7 +40,7 @@ def _family(kind: str) -> str:
     return "rga" if kind.startswith("rga") else "apnet" if kind.startswith("apnet") else kind
 
 
-def _sites_of(kind: str, sites: Union[str, List[BenchSite]]) -> List[BenchSite]:
+def _sites_of(kind: str, sites: str | list[BenchSite]) -> list[BenchSite]:
     """The sites of ``--sites``: a keyword ('paper', 'first', 'default') or explicit sites."""
     if sites == "paper":
         return list(PAPER_SITES[_family(kind)])
@@ -47,10 +48,10 @@ def _sites_of(kind: str, sites: Union[str, List[BenchSite]]) -> List[BenchSite]:
         return list(PAPER_SITES[_family(kind)][:1])
     if sites == "default":
         return [DEFAULT_SITES[_family(kind)]]
-    return list(sites)
+    return list(cast("list[BenchSite]", sites))  # not a keyword: explicit sites
 
 
-def _common(args: argparse.Namespace) -> Dict[str, Any]:
+def _common(args: argparse.Namespace) -> dict[str, Any]:
     autocast = None if args.dtype == "float32" else args.dtype
     return dict(device=args.device, channels_last=args.channels_last, threads=args.threads, autocast=autocast,
                 step=args.step)
@@ -62,7 +63,7 @@ def _has_memory_modes(kind: str) -> bool:
     return isinstance(tiny, MemorySwitch)
 
 
-def layer_cases(args: argparse.Namespace) -> List[Tuple[str, int, Tuple[int, int], str, Optional[str]]]:
+def layer_cases(args: argparse.Namespace) -> list[tuple[str, int, tuple[int, int], str, str | None]]:
     """(kind, channels, feat_size, impl, memory) of every ``layers`` row; memory is None where it
     does not apply (other kinds, the reference impl) or only the default mode was asked for."""
     cases = []
@@ -74,46 +75,53 @@ def layer_cases(args: argparse.Namespace) -> List[Tuple[str, int, Tuple[int, int
     return cases
 
 
-def sweep_cases(args: argparse.Namespace) -> List[Tuple[str, Tuple[int, int], Tuple[int, int], str]]:
+def sweep_cases(args: argparse.Namespace) -> list[tuple[str, tuple[int, int], tuple[int, int], str]]:
     """(kind, input size, feat_size, impl) of every ``sweep`` row."""
     return [(kind, size, (size[0] // args.stride, size[1] // args.stride), impl)
             for kind in args.kind for size in args.resolutions for impl in args.impl]
 
 
-def layer_jobs(args: argparse.Namespace) -> List[Job]:
-    jobs = []
+def layer_jobs(args: argparse.Namespace) -> list[Job]:
+    jobs: list[Job] = []
     for kind, channels, feat_size, impl, memory in layer_cases(args):
-        extra = {} if memory is None else {"memory": memory}
+        extra: dict[str, Any] = {} if memory is None else {"memory": memory}
         spec = layer_spec(kind, channels, feat_size, batch=args.batch, impl=impl, compile=args.compile,
                           **extra, **_common(args))
         label = f"{kind} {channels}:{feat_size[0]}x{feat_size[1]} {impl}"
         label += f" memory={memory}" if memory else ""
-        jobs.append((label, lambda s=spec: measure_layer(
-            s, memory_batch=args.memory_batch, forward=True, min_run_time=args.min_run_time)))
+
+        def job(s: dict[str, Any] = spec) -> dict[str, Any]:
+            return measure_layer(s, memory_batch=args.memory_batch, forward=True,
+                                 min_run_time=args.min_run_time)
+
+        jobs.append((label, job))
     return jobs
 
 
-def network_jobs(args: argparse.Namespace) -> List[Job]:
+def network_jobs(args: argparse.Namespace) -> list[Job]:
     """The plain backbone, then the backbone with ``args.attention`` inserted."""
-    jobs = []
+    jobs: list[Job] = []
     for attention in (None, args.attention):
         spec = network_spec(args.backbone, attention, args.input_size, batch=args.batch, impl=args.impl,
                             last_stride=args.last_stride or None, sites=args.sites, **_common(args))
         if attention and getattr(args, "memory", "default") != "default":
             spec["kwargs"]["memory"] = args.memory
         name = args.backbone + (f" + {attention}" if attention else "")
-        jobs.append((name, lambda s=spec, n=name: measure(
-            s, {"model": n}, memory_batch=args.memory_batch, min_run_time=args.min_run_time)))
+
+        def job(s: dict[str, Any] = spec, n: str = name) -> dict[str, Any]:
+            return measure(s, {"model": n}, memory_batch=args.memory_batch, min_run_time=args.min_run_time)
+
+        jobs.append((name, job))
     return jobs
 
 
-def sweep_jobs(args: argparse.Namespace) -> List[Job]:
-    jobs = []
+def sweep_jobs(args: argparse.Namespace) -> list[Job]:
+    jobs: list[Job] = []
     for kind, size, feat_size, impl in sweep_cases(args):
         spec = layer_spec(kind, args.channels, feat_size, batch=args.batch, impl=impl, **_common(args))
         label = f"{kind} {size[0]}x{size[1]} {impl}"
 
-        def job(s=spec, size=size):
+        def job(s: dict[str, Any] = spec, size: tuple[int, int] = size) -> dict[str, Any]:
             record = measure_layer(s, memory_batch=args.memory_batch, min_run_time=args.min_run_time)
             return dict(record, input=f"{size[0]}x{size[1]}")
 
@@ -121,7 +129,7 @@ def sweep_jobs(args: argparse.Namespace) -> List[Job]:
     return jobs
 
 
-def with_overhead(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def with_overhead(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Ratios of each model to the plain backbone (first record): ``time_x``, ``memory_x``,
     ``params_x``, ``gflops_x``, and ``time_per_flop_x`` = time_x / gflops_x (how far the time is
     from the FLOP floor: 1.0 = the extra time is exactly the extra forward FLOPs)."""
@@ -165,7 +173,7 @@ class _Progress:
             self.bar.close()
 
 
-def run_jobs(jobs: Sequence[Job], quiet: bool) -> List[Dict[str, Any]]:
+def run_jobs(jobs: Sequence[Job], quiet: bool) -> list[dict[str, Any]]:
     """The records of ``jobs``, run in order (progress on stderr unless ``quiet``)."""
     progress, records = _Progress(len(jobs), quiet), []
     try:
@@ -178,7 +186,7 @@ def run_jobs(jobs: Sequence[Job], quiet: bool) -> List[Dict[str, Any]]:
     return records
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run a parsed command; returns {"environment": ..., "records": [...], "tables": [...]}."""
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -27,7 +27,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ class Timing:
     runs: int
 
 
-def time_callable(fn: Callable[[], Any], *, min_run_time: float = 1.0, threads: Optional[int] = None) -> Timing:
+def time_callable(fn: Callable[[], Any], *, min_run_time: float = 1.0, threads: int | None = None) -> Timing:
     """Median and IQR of ``fn()`` over blocked runs of at least ``min_run_time`` seconds in all."""
     from torch.utils import benchmark
 
@@ -101,17 +101,18 @@ def set_malloc(mode: str) -> None:
         raise RuntimeError("malloc='retain' needs glibc's mallopt (Linux); use malloc='system'")
 
 
-def _autocast(x: Tensor, dtype: Optional[str]):
+def _autocast(x: Tensor, dtype: str | None) -> torch.autocast:
     enabled = dtype is not None
     return torch.autocast(x.device.type, dtype=getattr(torch, dtype or "bfloat16"), enabled=enabled)
 
 
-def forward_fn(module: nn.Module, x: Tensor, autocast: Optional[str] = None) -> Callable[[], Tensor]:
+def forward_fn(module: nn.Module, x: Tensor, autocast: str | None = None) -> Callable[[], Tensor]:
     """A closure running the forward pass (under autocast to ``autocast`` if given)."""
 
     def forward() -> Tensor:
         with _autocast(x, autocast):
-            return module(x)
+            out: Tensor = module(x)
+            return out
 
     return forward
 
@@ -131,7 +132,7 @@ def _loss_fn(example: Tensor) -> Callable[[Tensor], Tensor]:
 
 
 def train_step(
-    module: nn.Module, x: Tensor, autocast: Optional[str] = None, *, step: str = "optimizer"
+    module: nn.Module, x: Tensor, autocast: str | None = None, *, step: str = "optimizer"
 ) -> Callable[[], None]:
     """A closure running one training step of ``module`` on ``x`` (see ``STEPS``).
 
@@ -169,7 +170,7 @@ def train_step(
     return optimizer_step
 
 
-def is_out_of_memory(error: Union[BaseException, str]) -> bool:
+def is_out_of_memory(error: BaseException | str) -> bool:
     """Whether an exception (or its message) says that memory ran out."""
     if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
         return True
@@ -197,14 +198,16 @@ def _import_factory(path: str) -> Callable[..., nn.Module]:
     target, _, name = path.partition(":")
     if target.endswith(".py"):
         spec = importlib.util.spec_from_file_location(os.path.basename(target)[:-3], target)
+        assert spec is not None and spec.loader is not None  # a .py path always has a source loader
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     else:
         module = importlib.import_module(target)
-    return getattr(module, name)
+    factory: Callable[..., nn.Module] = getattr(module, name)
+    return factory
 
 
-def build_from_spec(spec: Dict[str, Any]) -> tuple:
+def build_from_spec(spec: dict[str, Any]) -> tuple[nn.Module, Tensor]:
     """(module, input) described by a JSON-able spec.
 
     spec keys: factory ("module:function"), kwargs (dict), input (shape list), device, dtype
@@ -216,10 +219,11 @@ def build_from_spec(spec: Dict[str, Any]) -> tuple:
     dtype = getattr(torch, spec.get("dtype", "float32"))
     module = _import_factory(spec["factory"])(**spec.get("kwargs", {}))
     memory_format = torch.channels_last if spec.get("channels_last") else torch.contiguous_format
-    module = module.to(device=device, dtype=dtype, memory_format=memory_format)
+    # Module.to takes memory_format at run time; its typed overloads lack it beside device and dtype
+    module = module.to(device=device, dtype=dtype, memory_format=memory_format)  # type: ignore[call-overload]
     module.train(spec.get("train", True))
     if spec.get("compile"):
-        module = torch.compile(module)
+        module = cast(nn.Module, torch.compile(module))  # an OptimizedModule
     x = torch.randn(spec["input"], device=device, dtype=dtype).to(memory_format=memory_format)
     return module, x.requires_grad_(spec.get("input_grad", True))
 
@@ -237,7 +241,7 @@ def _vm_kib(field: str) -> int:
     return _proc_kib("/proc/self/status", field)
 
 
-def _probe_cpu(spec: Dict[str, Any]) -> Dict[str, int]:
+def _probe_cpu(spec: dict[str, Any]) -> dict[str, int]:
     """Run inside the fresh subprocess: peak bytes of one ``spec["step"]`` above the set-up.
 
     The address space is capped at ``memory_limit`` bytes above the start (default: the
@@ -272,7 +276,7 @@ def _available_bytes() -> int:
     return _proc_kib("/proc/meminfo", "MemAvailable") * 1024
 
 
-def _probe_cuda(spec: Dict[str, Any]) -> Dict[str, int]:
+def _probe_cuda(spec: dict[str, Any]) -> dict[str, int]:
     module, x = build_from_spec(spec)
     step = train_step(module, x, spec.get("autocast"), step=spec.get("step", "optimizer"))
     step()
@@ -287,7 +291,7 @@ def _probe_cuda(spec: Dict[str, Any]) -> Dict[str, int]:
     return {"peak_bytes": peak - base, "rss_bytes": peak}
 
 
-def peak_memory(spec: Dict[str, Any], *, timeout: float = 600.0) -> Dict[str, Any]:
+def peak_memory(spec: dict[str, Any], *, timeout: float = 600.0) -> dict[str, Any]:
     """Peak memory of one training step for ``spec`` (see :func:`build_from_spec`).
 
     Returns {"peak_bytes", "rss_bytes"} or {"error": "..."} (out of memory and other failures
@@ -311,7 +315,8 @@ def peak_memory(spec: Dict[str, Any], *, timeout: float = 600.0) -> Dict[str, An
         if is_out_of_memory(tail) or done.returncode == -9:
             return {"error": "out of memory"}
         return {"error": f"exit {done.returncode}: {tail}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 if __name__ == "__main__":  # the fresh subprocess of peak_memory()

@@ -4,12 +4,13 @@ is an optional package, imported only when a plot is drawn)."""
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Dict, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["plot_sweep"]
 
 
-def plot_sweep(records: Sequence[Dict[str, Any]], path: pathlib.Path, env: Dict[str, Any]) -> None:
+def plot_sweep(records: Sequence[dict[str, Any]], path: pathlib.Path, env: dict[str, Any]) -> None:
     """Peak memory and step time vs input size, one line per kind and impl (log scale), as a PNG."""
     import matplotlib
 

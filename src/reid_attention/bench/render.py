@@ -9,7 +9,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .plot import plot_sweep
 from .report import format_flagged, row_name
@@ -30,7 +31,7 @@ HEADERS = {"fwd_ms": "fwd ms", "step_ms": "step ms", "step_iqr_ms": "IQR ms", "s
            "time_per_flop_x": "time/FLOP x"}
 
 
-def render(result: Dict[str, Any], fmt: str) -> str:
+def render(result: dict[str, Any], fmt: str) -> str:
     """The text of a result of :func:`.jobs.run` in ``fmt`` (JSON: environment and records;
     table and markdown: a one-line header, then each table)."""
     if fmt == "json":
@@ -45,7 +46,7 @@ def render(result: Dict[str, Any], fmt: str) -> str:
     return "\n\n".join([head, *parts])
 
 
-def write_files(args: argparse.Namespace, result: Dict[str, Any], text: str) -> None:
+def write_files(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
     """``--out`` and the sweep's ``--plot`` (by default next to ``--out``, with .png), with the
     missing directories: written before anything is printed."""
     if args.out:
@@ -68,7 +69,7 @@ def print_text(text: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def exit_status(records: Sequence[Dict[str, Any]]) -> int:
+def exit_status(records: Sequence[dict[str, Any]]) -> int:
     """1 (naming them on stderr) if a row failed other than by running out of memory, else 0."""
     bad = [r for r in records if failed(r)]
     for r in bad:

@@ -10,7 +10,8 @@ import os
 import pathlib
 import platform
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: str = "cpu", threads: Optional[int] = None, malloc: str = "system") -> Dict[str, Any]:
+def environment(device: str = "cpu", threads: int | None = None, malloc: str = "system") -> dict[str, Any]:
     """Where and when a measurement was taken (``malloc``: see :func:`.measure.set_malloc`)."""
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
@@ -59,11 +60,11 @@ def _cell(value: Any) -> str:
 
 
 def format_records(
-    records: Sequence[Dict[str, Any]],
+    records: Sequence[dict[str, Any]],
     columns: Sequence[str],
     fmt: str = "table",
-    env: Optional[Dict[str, Any]] = None,
-    headers: Optional[Dict[str, str]] = None,
+    env: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> str:
     """Render records; ``columns`` picks and orders the fields shown (JSON keeps every field)."""
     if fmt not in FORMATS:
@@ -78,7 +79,7 @@ def format_records(
         for r in records:
             writer.writerow(["" if r.get(c) is None else r.get(c) for c in columns])
         return out.getvalue()
-    rows: List[List[str]] = [[_cell(r.get(c)) for c in columns] for r in records]
+    rows: list[list[str]] = [[_cell(r.get(c)) for c in columns] for r in records]
     numeric = [all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in records) for c in columns]
     if fmt == "markdown":
         lines = ["| " + " | ".join(names) + " |", "|" + "|".join("---" for _ in names) + "|"]
@@ -93,7 +94,7 @@ def format_records(
     return "\n".join([line, "-" * len(line), *body])
 
 
-def row_name(record: Dict[str, Any]) -> str:
+def row_name(record: dict[str, Any]) -> str:
     """A row's label in messages: the model, or its kind, level, input, site, impl and memory mode."""
     if "model" in record:
         return str(record["model"])
@@ -102,10 +103,10 @@ def row_name(record: Dict[str, Any]) -> str:
 
 
 def format_flagged(
-    records: Sequence[Dict[str, Any]],
+    records: Sequence[dict[str, Any]],
     columns: Sequence[str],
     fmt: str = "table",
-    headers: Optional[Dict[str, str]] = None,
+    headers: dict[str, str] | None = None,
 ) -> str:
     """:func:`format_records` of the ``columns`` that hold a value, with rows whose timing is
     unreliable (a non-empty ``unreliable`` list) marked '!' in a ``flag`` column and their
@@ -126,12 +127,12 @@ def format_flagged(
 
 
 def publish(
-    result: Dict[str, Any],
+    result: dict[str, Any],
     columns: Sequence[str],
     default_path: pathlib.Path,
     *,
-    headers: Optional[Dict[str, str]] = None,
-    out: Optional[pathlib.Path] = None,
+    headers: dict[str, str] | None = None,
+    out: pathlib.Path | None = None,
     write: bool = True,
 ) -> None:
     """Write the JSON to ``out`` or ``default_path`` unless ``write`` is false and no ``out`` was

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from .measure import (
     build_from_spec,
@@ -24,7 +26,7 @@ __all__ = ["layer_spec", "network_spec", "measure", "measure_layer", "network", 
 UNRELIABLE_IQR = 0.2
 
 # (channels, (H, W)) of each paper's insertion sites.
-PAPER_SITES: Dict[str, Sequence[Tuple[int, Tuple[int, int]]]] = {
+PAPER_SITES: dict[str, Sequence[tuple[int, tuple[int, int]]]] = {
     # RGA: ResNet-50, 256x128 input, last stride 1: after layer1..layer4
     "rga": [(256, (64, 32)), (512, (32, 16)), (1024, (16, 8)), (2048, (16, 8))],
     # PFSA: layer1..layer3 of a 384x128 ResNet-50
@@ -37,20 +39,20 @@ PAPER_SITES: Dict[str, Sequence[Tuple[int, Tuple[int, int]]]] = {
 def layer_spec(
     kind: str,
     channels: int,
-    feat_size: Tuple[int, int],
+    feat_size: Sequence[int],
     *,
     batch: int,
-    impl: Optional[str] = "fused",
+    impl: str | None = "fused",
     device: str = "cpu",
     dtype: str = "float32",
     channels_last: bool = False,
-    threads: Optional[int] = None,
+    threads: int | None = None,
     compile: bool = False,
-    autocast: Optional[str] = None,
+    autocast: str | None = None,
     step: str = "optimizer",
     factory: str = "reid_attention.registry:create_attention",
     **kwargs: Any,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """JSON-able description of a layer and its input (see ``measure.build_from_spec``);
     ``step`` names the timed training step (``measure.STEPS``)."""
     kw = dict(name=kind, channels=channels, feat_size=list(feat_size), **kwargs)
@@ -72,17 +74,17 @@ def layer_spec(
 
 def network(
     backbone: str,
-    attention: Optional[str] = None,
+    attention: str | None = None,
     input_size: Sequence[int] = (256, 128),
-    last_stride: Optional[int] = None,
+    last_stride: int | None = None,
     **attention_kw: Any,
-):
+) -> nn.Module:
     """A torchvision classification model, optionally with ``attention`` at its default sites."""
     import torchvision
 
     from ..insert import insert_attention, set_last_stride
 
-    model = torchvision.models.get_model(backbone, weights=None)
+    model: nn.Module = torchvision.models.get_model(backbone, weights=None)
     if last_stride is not None:
         set_last_stride(model, last_stride)
     if attention:
@@ -90,11 +92,11 @@ def network(
     return model
 
 
-def network_spec(backbone: str, attention: Optional[str], input_size: Sequence[int], *, batch: int,
-                 last_stride: Optional[int] = 1, impl: Optional[str] = "fused",
-                 sites: Optional[Sequence[str]] = None, **common: Any) -> Dict[str, Any]:
+def network_spec(backbone: str, attention: str | None, input_size: Sequence[int], *, batch: int,
+                 last_stride: int | None = 1, impl: str | None = "fused",
+                 sites: Sequence[str] | None = None, **common: Any) -> dict[str, Any]:
     """Spec of :func:`network` on a batch of images (which, as in training, need no gradient)."""
-    kw: Dict[str, Any] = dict(backbone=backbone, attention=attention, input_size=list(input_size),
+    kw: dict[str, Any] = dict(backbone=backbone, attention=attention, input_size=list(input_size),
                               last_stride=last_stride)
     if attention and impl:
         kw["impl"] = impl
@@ -105,7 +107,7 @@ def network_spec(backbone: str, attention: Optional[str], input_size: Sequence[i
     return spec
 
 
-def measure_layer(spec: Dict[str, Any], **options: Any) -> Dict[str, Any]:
+def measure_layer(spec: dict[str, Any], **options: Any) -> dict[str, Any]:
     """:func:`measure` labelled with the layer's kind, impl, site (and memory mode, if set)."""
     kw = spec["kwargs"]
     label = {
@@ -118,7 +120,7 @@ def measure_layer(spec: Dict[str, Any], **options: Any) -> Dict[str, Any]:
     return measure(spec, label, **options)
 
 
-def unreliable_reasons(record: Dict[str, Any]) -> List[str]:
+def unreliable_reasons(record: dict[str, Any]) -> list[str]:
     """Why a row's timing should not be trusted (empty: no reason seen).
 
     A timing of a single measured block has no spread to judge; an IQR above ``UNRELIABLE_IQR``
@@ -140,30 +142,31 @@ def unreliable_reasons(record: Dict[str, Any]) -> List[str]:
     return reasons
 
 
-def failed(record: Dict[str, Any]) -> bool:
+def failed(record: dict[str, Any]) -> bool:
     """Whether a row failed for a reason other than a recorded out-of-memory."""
     return bool(record.get("error")) and not record.get("oom")
 
 
-def _add_error(record: Dict[str, Any], message: str, oom: bool) -> None:
+def _add_error(record: dict[str, Any], message: str, oom: bool) -> None:
     """Append ``message`` to the row's error; ``oom`` stays true only while every failure is one."""
     record["error"] = "; ".join(filter(None, [record.get("error"), message]))
     record["oom"] = record.get("oom", True) and oom
 
 
-def _timed(fn, *, min_run_time: float, threads: Optional[int], prefix: str) -> Dict[str, Any]:
+def _timed(fn: Callable[[], Any], *, min_run_time: float, threads: int | None, prefix: str) -> dict[str, Any]:
     timing = time_callable(fn, min_run_time=min_run_time, threads=threads)
-    return {f"{prefix}_ms": timing.median * 1e3, f"{prefix}_iqr_ms": timing.iqr * 1e3, f"{prefix}_runs": timing.runs}
+    return {f"{prefix}_ms": timing.median * 1e3, f"{prefix}_iqr_ms": timing.iqr * 1e3,
+            f"{prefix}_runs": timing.runs}
 
 
 def measure(
-    spec: Dict[str, Any],
-    label: Dict[str, Any],
+    spec: dict[str, Any],
+    label: dict[str, Any],
     *,
-    memory_batch: Optional[int] = None,
+    memory_batch: int | None = None,
     forward: bool = False,
     min_run_time: float = 1.0,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Time one training step (``spec["step"]``; optionally the forward alone), FLOPs,
     parameters, peak memory of the same step.
 
@@ -174,7 +177,7 @@ def measure(
     :func:`unreliable_reasons` of a timed row.
     """
     batch = spec["input"][0]
-    record: Dict[str, Any] = dict(label, batch=batch, dtype=spec.get("dtype", "float32"))
+    record: dict[str, Any] = dict(label, batch=batch, dtype=spec.get("dtype", "float32"))
     record.update(compiled=bool(spec.get("compile")), autocast=spec.get("autocast"),
                   step=spec.get("step", "optimizer"))
     if memory_batch != 0:  # first, in a capped subprocess: an oversized run is skipped below
@@ -208,5 +211,6 @@ def measure(
     except Exception as e:  # recorded, so that the other rows still run; failed() tells the caller
         if spec.get("device", "cpu").startswith("cuda"):
             torch.cuda.empty_cache()
-        _add_error(record, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}", is_out_of_memory(e))
+        _add_error(record, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}",
+                   is_out_of_memory(e))
     return record
