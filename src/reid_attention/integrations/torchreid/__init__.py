@@ -52,22 +52,21 @@ that means ``weights_only=True``, which refuses the numpy scalar (``rank1``) tor
 save. :func:`load_checkpoint` loads those files safely.
 """
 
+
 from __future__ import annotations
 
-import functools
 import os
-import pickle
 from collections.abc import Sequence
-from types import ModuleType
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
 
-from .._checks import SizeLike, pair
-from .._extras import MissingExtraError, require
-from ..presets import VARIANTS
+from ..._checks import SizeLike, pair
+from ..._extras import require
+from ._checkpoint import load_checkpoint
+from ._names import EXTRA, PRESETS, import_torchreid, model_names, parse_name
 
 __all__ = [
     "PRESETS",
@@ -80,70 +79,6 @@ __all__ = [
 ]
 
 LOSSES = ("softmax", "triplet")
-#: The preset names, each the preset function and the arguments it fixes (``presets.VARIANTS``).
-PRESETS: dict[str, tuple[str, dict[str, Any]]] = VARIANTS
-_EXTRA = "torchreid"
-
-
-def _import_torchreid(feature: str) -> ModuleType:
-    """torchreid, or a one-line MissingExtraError (also for the dependencies its wheel omits)."""
-    try:
-        return require("torchreid", feature=feature, extra=_EXTRA)
-    except MissingExtraError:
-        raise
-    except ModuleNotFoundError as err:  # torchreid is there, one of its undeclared dependencies not
-        package = (err.name or "a module").split(".")[0]
-        raise MissingExtraError(
-            f"{feature} needs {package}, which torchreid imports: pip install \"reid-attention[{_EXTRA}]\"",
-            name=package,
-        ) from None
-
-
-# --------------------------------------------------------------------------------------------
-# names
-
-
-def _torchvision_models(feature: str) -> list[str]:
-    require("torchvision", feature=feature, extra=_EXTRA)
-    return list(_classification_models())
-
-
-@functools.cache
-def _classification_models() -> tuple[str, ...]:
-    import torchvision.models
-
-    return tuple(torchvision.models.list_models(module=torchvision.models))
-
-
-def _kinds() -> list[str]:
-    from .. import list_attentions
-
-    return sorted(list_attentions(), key=len, reverse=True)  # "rga_sc" is tried before "rga_s"
-
-
-def parse_name(name: str) -> tuple[str, str]:
-    """``(backbone, kind)`` for a ``<backbone>_<kind>`` name (``"resnet50_rga_sc"`` ->
-    ``("resnet50", "rga_sc")``), ``("preset", name)`` for a preset name; ``ValueError`` otherwise."""
-    if not isinstance(name, str):
-        raise TypeError(f"model name must be a str, got {type(name).__name__}")
-    if name in PRESETS:
-        return "preset", name
-    for kind in _kinds():
-        backbone = name[: -len(kind) - 1]
-        if name.endswith("_" + kind) and backbone in _torchvision_models(f"model {name!r}"):
-            return backbone, kind
-    raise ValueError(
-        f"unknown model {name!r}: expected a preset ({', '.join(PRESETS)}) or "
-        f"'<torchvision backbone>_<kind>' with kind in ({', '.join(sorted(_kinds()))}), "
-        "e.g. 'resnet50_rga_sc'"
-    )
-
-
-def model_names() -> list[str]:
-    """Every name :func:`register_models` registers by default: the presets, then
-    ``<backbone>_<kind>`` for every torchvision classification model and attention kind."""
-    backbones = _torchvision_models("reid_attention.integrations.torchreid.model_names")
-    return list(PRESETS) + [f"{b}_{k}" for b in backbones for k in sorted(_kinds())]
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +165,7 @@ def _leaf_modules(model: nn.Module) -> list[type]:
     """Classes torch.fx must not trace into: the inserted layers (they validate their input in
     Python), and any site module that calls its attention from its own forward (DenseNet's
     ``norm5``); Sequential sites are traced as usual."""
-    from ..insert import fx_leaf_modules
+    from ...insert import fx_leaf_modules
 
     leaves = list(fx_leaf_modules(model))
     for module in model.modules():
@@ -298,10 +233,10 @@ def create_model(
     if not isinstance(pretrained, bool):
         raise TypeError(f"pretrained must be a bool, got {type(pretrained).__name__}")
     size = pair("input_size", input_size)
-    require("torchvision", feature=f"model {name!r}", extra=_EXTRA)
+    require("torchvision", feature=f"model {name!r}", extra=EXTRA)
     arch, kind = parse_name(name)
     if arch == "preset":
-        from .. import presets
+        from ... import presets
 
         if last_stride is not None or sites is not None:
             raise TypeError(f"last_stride and sites are for torchvision backbones; "
@@ -351,7 +286,7 @@ def register_models(
     Names torchreid already has (its own ``resnet50`` ...) are refused, never replaced.
     """
     feature = "reid_attention.integrations.torchreid.register_models"
-    torchreid = _import_torchreid(feature)
+    torchreid = import_torchreid(feature)
     size = pair("input_size", input_size)
     if not isinstance(download, bool):
         raise TypeError(f"download must be a bool, got {type(download).__name__}")
@@ -369,52 +304,3 @@ def register_models(
     for name in names:
         factory[name] = _Factory(name, size, download)
     return names
-
-
-# --------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def _numpy_scalar_globals() -> list[Any]:
-    """What unpickling numpy scalars needs (numpy 1 and 2): the scalar constructor, ``dtype`` and
-    the dtype classes of the scalar types."""
-    try:
-        import numpy as np
-    except ImportError:  # no numpy: no numpy scalars in any file this process could have written
-        return []
-    types = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
-             np.float16, np.float32, np.float64)
-    return [np.float32(0).__reduce__()[0], np.dtype] + [type(np.dtype(t)) for t in types]
-
-
-def load_checkpoint(path: str | os.PathLike[str], *, trusted: bool = False, map_location: Any = "cpu") -> Any:
-    """Load a torchreid checkpoint (``torchreid.utils.save_checkpoint``, or the engines'
-    ``model/model.pth.tar-<epoch>``) on any torch >= 2.1, safely by default.
-
-    The file is read with ``torch.load(weights_only=True)``, numpy scalars allowed (the ``rank1``
-    torchreid saves is a ``numpy.float32``; torch >= 2.5 only). A file holding anything else --
-    a class, a function, an array -- is refused with ``pickle.UnpicklingError`` unless
-    ``trusted=True``, which unpickles it completely (``weights_only=False``): unpickling runs code
-    the file names, so pass it only for files you trust.
-
-    Returns the saved object, e.g. ``{"state_dict", "epoch", "rank1", "optimizer", "scheduler"}``:
-    ``model.load_state_dict(load_checkpoint(path)["state_dict"])``.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint file at {path!r}")
-    allowed = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    try:
-        if allowed is None:
-            return torch.load(path, map_location=map_location, weights_only=True)
-        with allowed(_numpy_scalar_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if trusted:
-            return torch.load(path, map_location=map_location, weights_only=False)
-        reason = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
-                      str(err).splitlines()[0] if str(err) else type(err).__name__)
-        raise pickle.UnpicklingError(
-            f"{path} holds more than tensors, containers and numpy scalars ({reason}); "
-            "load_checkpoint(path, trusted=True) unpickles it completely: only for files you trust"
-        ) from None
