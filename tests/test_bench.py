@@ -18,6 +18,7 @@ from reid_attention.bench.args import build_parser, help_text, parse_sites
 from reid_attention.bench.cli import main
 from reid_attention.bench.jobs import with_overhead
 from reid_attention.bench.measure import count_flops, is_out_of_memory, peak_memory, train_step
+from reid_attention.bench.paired import PairedRatio, paired_ratio
 from reid_attention.bench.render import LAYER_COLUMNS, render
 from reid_attention.bench.suites import failed, layer_spec, measure, unreliable_reasons
 
@@ -122,14 +123,26 @@ def test_default_run_builds_its_rows(monkeypatch, capsys):
         return dict(label or {}, **{k: v for k, v in spec["kwargs"].items() if k in ("name", "impl")},
                     step_ms=1.0, peak_mib=1.0, params=1, gflops=1.0, unreliable=[])
 
+    def fake_eval(specs_, names, *, batches, runtimes, **_):
+        return [dict(model=n, runtime=r, batch=b) for r in runtimes for b in batches for n in names]
+
+    pair = PairedRatio(ratio=1.3, spread=0.01, rounds=6, base_ms=1.0, other_ms=1.3)
     monkeypatch.setattr(jobs, "measure_layer", lambda spec, **kw: fake(spec, **kw))
     monkeypatch.setattr(jobs, "measure", fake)
+    monkeypatch.setattr(jobs, "paired_step", lambda base, spec, **kw: specs.append(spec) or pair)
+    monkeypatch.setattr(jobs, "eval_rows", fake_eval)
+    monkeypatch.setattr(jobs, "available_runtimes", lambda: ["torch", "onnxruntime"])
     assert main(["--quiet", "--format", "json"]) == 0
     layers = [s for s in specs if s["factory"].endswith("create_attention")]
     assert len(layers) == 2 * len(ra.list_attentions())
     assert all("memory" not in s["kwargs"] for s in specs)
-    assert [s["kwargs"]["attention"] for s in specs[len(layers):]] == [None, "rga_sc"]
-    capsys.readouterr()
+    # plain and wrapped ResNet-50 timed alone, then the wrapped one's step paired with the plain one's
+    assert [s["kwargs"]["attention"] for s in specs[len(layers):]] == [None, "rga_sc", "rga_sc"]
+    records = json.loads(capsys.readouterr().out)["records"]
+    network = [r for r in records if "model" in r and "runtime" not in r]
+    assert [r.get("time_x") for r in network] == [1.0, 1.3]
+    evals = [(r["runtime"], r["batch"]) for r in records if "runtime" in r]
+    assert evals == [(rt, b) for rt in ("torch", "onnxruntime") for b in (1, 64) for _ in range(2)]
 
 
 def test_cli_sweep_writes_plot(tmp_path, capsys):
@@ -182,7 +195,13 @@ def test_cli_network_overhead(capsys):
     extra = sum(p.numel() for s in ((64, (32, 16)), (128, (16, 8)))
                 for p in ra.create_attention("rga_s", s[0], feat_size=s[1]).parameters())
     assert wrapped["params"] - plain["params"] == extra
-    assert wrapped["gflops_x"] > 1 and wrapped["peak_mib"] > 0 and wrapped["time_x"] > 0
+    assert wrapped["gflops_x"] > 1 and wrapped["peak_mib"] > 0
+    # time x is the paired ratio: a number whose spread settled, or none and the row says why
+    assert 6 <= wrapped["time_x_rounds"] <= 30
+    if wrapped["time_x"] is None:
+        assert wrapped["time_x_spread"] > 0.05 and any("paired ratio" in u for u in wrapped["unreliable"])
+    else:
+        assert wrapped["time_x"] > 0 and wrapped["time_x_spread"] <= 0.05
 
 
 def test_options_without_a_command_run_the_default():
@@ -369,11 +388,99 @@ def test_unreliable_rows_are_flagged_in_every_format():
 
 
 def test_overhead_ratios():
+    """time x is the paired ratio (not the ratio of the two rows' own medians, here 2.0)."""
     plain = {"model": "r", "step_ms": 100.0, "peak_mib": 50.0, "params": 10, "gflops": 2.0}
-    wrapped = {"model": "r + a", "step_ms": 150.0, "peak_mib": 60.0, "params": 12, "gflops": 2.5}
-    with_overhead([plain, wrapped])
+    wrapped = {"model": "r + a", "step_ms": 200.0, "peak_mib": 60.0, "params": 12, "gflops": 2.5}
+    pair = PairedRatio(ratio=1.5, spread=0.02, rounds=6, base_ms=100.0, other_ms=150.0)
+    assert with_overhead([plain, wrapped, {"paired": pair}]) == [plain, wrapped]
     assert (wrapped["time_x"], wrapped["memory_x"], wrapped["gflops_x"]) == (1.5, 1.2, 1.25)
-    assert wrapped["time_per_flop_x"] == pytest.approx(1.2) and plain["time_per_flop_x"] == 1
+    assert (wrapped["time_x_spread"], wrapped["time_x_rounds"]) == (0.02, 6)
+    assert wrapped["time_per_flop_x"] == pytest.approx(1.2) and plain["time_x"] == 1
+
+
+def test_an_unsettled_ratio_is_no_number():
+    plain = {"model": "r", "step_ms": 100.0, "gflops": 2.0}
+    wrapped = {"model": "r + a", "step_ms": 30.0, "gflops": 2.5, "unreliable": []}
+    pair = PairedRatio(ratio=None, spread=0.4, rounds=30, base_ms=100.0, other_ms=30.0, reason="not settled")
+    with_overhead([plain, wrapped, {"paired": pair}])
+    assert wrapped["time_x"] is None and "time_per_flop_x" not in wrapped
+    assert wrapped["unreliable"] == ["not settled"]
+    table = render(_result([plain, wrapped]), "table")
+    assert "0.3" not in table and "! r + a: not settled" in table
+
+
+class _Clock:
+    """A fake ``time.perf_counter`` that the timed callables advance."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    from reid_attention.bench import paired
+
+    fake = _Clock()
+    monkeypatch.setattr(paired.time, "perf_counter", fake)
+    return fake
+
+
+def test_paired_ratio_alternates_and_stops_when_settled(clock):
+    calls = []
+
+    def timed(name, seconds):
+        def fn():
+            calls.append(name)
+            clock.now += seconds
+        return fn
+
+    result = paired_ratio(timed("a", 0.1), timed("b", 0.2), block_time=0.2, min_rounds=4, max_rounds=10)
+    assert result.ratio == pytest.approx(2) and result.spread == pytest.approx(0)
+    assert result.rounds == 4 and result.reason is None
+    assert (result.base_ms, result.other_ms) == (pytest.approx(100), pytest.approx(200))
+    # after the warm-up and one call each to size the blocks (0.2 s: a twice, b once), ABBA order
+    assert "".join(calls[4:]) == "aa" "b" "b" "aa" "aa" "b" "b" "aa"
+
+
+def test_paired_ratio_refuses_a_ratio_that_does_not_settle(clock):
+    state = {"n": 0}
+
+    def base():
+        clock.now += 0.1
+
+    def noisy():  # 0.1 s, then 0.3 s, then 0.1 s ...: ratios 1 and 3
+        state["n"] += 1
+        clock.now += 0.1 if state["n"] % 2 else 0.3
+
+    result = paired_ratio(base, noisy, block_time=0.05, min_rounds=3, max_rounds=8, max_spread=0.1)
+    assert result.ratio is None and result.rounds == 8 and result.spread > 0.1
+    assert "not settled" in result.reason and "8 rounds" in result.reason
+    with pytest.raises(ValueError, match="min_rounds"):
+        paired_ratio(base, noisy, min_rounds=5, max_rounds=4)
+
+
+def test_cli_network_eval_rows(capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    argv = ["network", "--mode", "eval", "--backbone", "resnet18", "--attention", "pfsa", "--input-size",
+            "64x32", "--eval-batches", "1,2", "--max-rounds", "2", "--quiet", "--format", "json"]
+    assert main(argv) == 0
+    records = json.loads(capsys.readouterr().out)["records"]
+    keys = [(r["model"], r["runtime"], r["batch"]) for r in records]
+    assert keys == [(m, rt, b) for rt in ("torch", "onnxruntime") for b in (1, 2)
+                    for m in ("resnet18", "resnet18 + pfsa")]
+    for r in records:
+        assert r["fwd_ms"] > 0 and r["gflops"] > 0
+        assert (r["parity"] is None) == (r["runtime"] == "torch")
+        if r["model"] == "resnet18":
+            assert r["time_x"] == 1
+        else:
+            assert r["gflops_x"] >= 1 and r["time_x_rounds"] == 2  # PFSA's products count no FLOPs
+    # ONNX Runtime ran the exported models: its outputs are finite and compared with torch's
+    assert all(r["parity"] < 1 for r in records if r["runtime"] == "onnxruntime")
 
 
 # --- a CLI that survives users --------------------------------------------------------------------
@@ -391,6 +498,9 @@ BAD_ARGUMENTS = [
     (["network", "--input-size", "256x0"], "expected HxW with positive H and W"),
     (["network", "--sites", "layer9"], "cannot build resnet50 + rga_sc: unknown site(s) ['layer9']"),
     (["network", "--backbone", "mobilenet_v2"], "--last-stride 0"),
+    (["network", "--max-spread", "1.5"], "--max-spread: expected a fraction between 0 and 1"),
+    (["network", "--eval-batches", "1,0"], "--eval-batches: expected a positive integer"),
+    (["network", "--runtimes", "tensorrt"], "unknown runtime 'tensorrt'"),
     (["sweep", "--resolutions", "2x2"], "cannot build rga_s at site 256:0x0"),
     (["--kind", "rga_s"], "--kind is an option of bench layers and bench sweep"),
     (["network", "--kind", "rga_s"], "--kind is an option of bench layers"),

@@ -22,6 +22,8 @@ from .._switches import IMPLS, MEMORY_MODES
 from ..registry import create_attention, list_attentions
 from .jobs import BenchSite, layer_cases, sweep_cases
 from .measure import MALLOC_MODES, STEPS
+from .network import DEFAULT_EVAL_BATCHES, DEFAULT_MAX_ROUNDS, RUNTIMES
+from .paired import MAX_SPREAD
 from .report import FORMATS
 from .suites import network
 
@@ -67,6 +69,10 @@ def _non_negative_int(text: str) -> int:
     return int(text)
 
 
+def _positive_ints(text: str) -> list[int]:
+    return [_positive_int(part) for part in text.split(",")]
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -74,6 +80,16 @@ def _positive_float(text: str) -> float:
         value = float("nan")
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _spread(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (e.g. 0.05), got {text!r}")
     return value
 
 
@@ -278,6 +294,18 @@ def build_parser() -> BenchParser:
                      help="comma-separated module names (default: the stage ends; with last stride 1 a "
                           "ResNet's layer3 and layer4 share stride 16, so pass layer1,layer2,layer3,layer4 "
                           "for RGA's sites)")
+    net.add_argument("--mode", default="train", choices=("train", "eval"),
+                     help="train: a training step (timed alone, then both alternately for time_x); eval: "
+                          "eval-mode forward at --eval-batches in each of --runtimes")
+    net.add_argument("--eval-batches", type=_positive_ints, default=",".join(map(str, DEFAULT_EVAL_BATCHES)),
+                     help="comma-separated batches of --mode eval (default 1 (latency), 64 (throughput))")
+    net.add_argument("--runtimes", type=_one_of(RUNTIMES, "runtime", many=True), default=",".join(RUNTIMES),
+                     help="comma-separated runtimes of --mode eval: torch, onnxruntime (exported, outputs "
+                          "checked against torch's)")
+    net.add_argument("--max-spread", type=_spread, default=MAX_SPREAD,
+                     help="largest spread (IQR / median) of the per-round ratios to report time_x")
+    net.add_argument("--max-rounds", type=_positive_int, default=DEFAULT_MAX_ROUNDS,
+                     help="alternating rounds at most before a ratio is reported unreliable")
     _add_common(net, batch=8, memory_batch=32)
 
     sweep = sub.add_parser("sweep",

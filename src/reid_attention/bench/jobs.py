@@ -17,7 +17,9 @@ import torch
 from .._switches import IMPLS, MemorySwitch
 from ..registry import create_attention, list_attentions, needs_feat_size
 from .measure import set_malloc
-from .render import LAYER_COLUMNS, NETWORK_COLUMNS, SWEEP_COLUMNS
+from .network import DEFAULT_EVAL_BATCHES, DEFAULT_MAX_ROUNDS, available_runtimes, eval_rows, paired_step
+from .paired import MAX_SPREAD, PairedRatio, rounds_options
+from .render import EVAL_COLUMNS, LAYER_COLUMNS, NETWORK_COLUMNS, SWEEP_COLUMNS
 from .report import environment
 from .suites import PAPER_SITES, layer_spec, measure, measure_layer, network_spec
 
@@ -98,20 +100,51 @@ def layer_jobs(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
-def network_jobs(args: argparse.Namespace) -> list[Job]:
-    """The plain backbone, then the backbone with ``args.attention`` inserted."""
-    jobs: list[Job] = []
+def network_specs(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """(name, spec) of the plain backbone, then of the backbone with ``args.attention`` inserted."""
+    specs = []
     for attention in (None, args.attention):
         spec = network_spec(args.backbone, attention, args.input_size, batch=args.batch, impl=args.impl,
                             last_stride=args.last_stride or None, sites=args.sites, **_common(args))
         if attention and getattr(args, "memory", "default") != "default":
             spec["kwargs"]["memory"] = args.memory
-        name = args.backbone + (f" + {attention}" if attention else "")
+        specs.append((args.backbone + (f" + {attention}" if attention else ""), spec))
+    return specs
+
+
+def network_jobs(args: argparse.Namespace) -> list[Job]:
+    """The rows of the plain backbone and of the backbone with attention (each timed alone, its
+    memory, FLOPs and parameters), then their training steps timed alternately
+    (:func:`.network.paired_step`, the ``time_x`` of the second row)."""
+    jobs: list[Job] = []
+    specs = network_specs(args)
+    for name, spec in specs:
 
         def job(s: dict[str, Any] = spec, n: str = name) -> dict[str, Any]:
             return measure(s, {"model": n}, memory_batch=args.memory_batch, min_run_time=args.min_run_time)
 
         jobs.append((name, job))
+
+    def paired() -> dict[str, Any]:
+        options = rounds_options(args.max_rounds, args.max_spread)
+        return {"paired": paired_step(specs[0][1], specs[1][1], **options)}
+
+    jobs.append(("training steps, alternately", paired))
+    return jobs
+
+
+def network_eval_jobs(args: argparse.Namespace) -> list[Job]:
+    """Eval-mode rows (:func:`.network.eval_rows`), one job per runtime."""
+    specs = network_specs(args)
+    jobs: list[Job] = []
+    for runtime in args.runtimes:
+
+        def job(r: str = runtime) -> dict[str, Any]:
+            return {"rows": eval_rows([s for _, s in specs], [n for n, _ in specs], batches=args.eval_batches,
+                                      runtimes=[r], threads=args.threads,
+                                      **rounds_options(args.max_rounds, args.max_spread))}
+
+        jobs.append((f"eval forward, {runtime}", job))
     return jobs
 
 
@@ -129,18 +162,27 @@ def sweep_jobs(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
-def with_overhead(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ratios of each model to the plain backbone (first record): ``time_x``, ``memory_x``,
-    ``params_x``, ``gflops_x``, and ``time_per_flop_x`` = time_x / gflops_x (how far the time is
-    from the FLOP floor: 1.0 = the extra time is exactly the extra forward FLOPs)."""
+def with_overhead(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of :func:`network_jobs` with their ratios to the plain backbone (first row):
+    ``memory_x``, ``params_x``, ``gflops_x``; ``time_x`` (with ``time_x_spread`` and
+    ``time_x_rounds``) is the paired ratio of the training steps, absent where it did not settle
+    (the row says why in ``unreliable``); ``time_per_flop_x`` = time_x / gflops_x (how far the
+    time is from the FLOP floor: 1.0 = the extra time is exactly the extra forward FLOPs)."""
+    records = [r for r in results if "paired" not in r]
+    pairs = [cast(PairedRatio, r["paired"]) for r in results if "paired" in r]
     base = records[0]
     for r in records:
-        for key, col in (("step_ms", "time_x"), ("peak_mib", "memory_x"), ("params", "params_x"),
-                         ("gflops", "gflops_x")):
+        for key, col in (("peak_mib", "memory_x"), ("params", "params_x"), ("gflops", "gflops_x")):
             if r.get(key) is not None and base.get(key):
                 r[col] = r[key] / base[key]
-        if r.get("time_x") is not None and r.get("gflops_x"):
-            r["time_per_flop_x"] = r["time_x"] / r["gflops_x"]
+    if pairs and len(records) > 1:
+        base["time_x"] = 1.0
+        other = records[1]
+        other.update(pairs[0].fields("time_x"))
+        if pairs[0].reason:
+            other["unreliable"] = [*(other.get("unreliable") or []), pairs[0].reason]
+        if other["time_x"] is not None and other.get("gflops_x"):
+            other["time_per_flop_x"] = other["time_x"] / other["gflops_x"]
     return records
 
 
@@ -197,6 +239,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "layers":
         records = run_jobs(layer_jobs(args), args.quiet)
         return {"environment": env, "records": records, "tables": [(records, LAYER_COLUMNS)]}
+    if args.command == "network" and args.mode == "eval":
+        records = [row for r in run_jobs(network_eval_jobs(args), args.quiet) for row in r["rows"]]
+        return {"environment": env, "records": records, "tables": [(records, EVAL_COLUMNS)]}
     if args.command == "network":
         records = with_overhead(run_jobs(network_jobs(args), args.quiet))
         return {"environment": env, "records": records, "tables": [(records, NETWORK_COLUMNS)]}
@@ -208,7 +253,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               compile=False)
     layer_records = run_jobs(layer_jobs(argparse.Namespace(**ns)), args.quiet)
     ns.update(backbone="resnet50", attention="rga_sc", impl="fused", input_size=(256, 128), last_stride=1,
-              memory="default", memory_batch=0, sites=["layer1", "layer2", "layer3", "layer4"])
-    net_records = with_overhead(run_jobs(network_jobs(argparse.Namespace(**ns)), args.quiet))
-    return {"environment": env, "records": layer_records + net_records,
-            "tables": [(layer_records, LAYER_COLUMNS), (net_records, NETWORK_COLUMNS)]}
+              memory="default", memory_batch=0, sites=["layer1", "layer2", "layer3", "layer4"],
+              eval_batches=DEFAULT_EVAL_BATCHES, runtimes=available_runtimes(), max_spread=MAX_SPREAD,
+              max_rounds=DEFAULT_MAX_ROUNDS)
+    net_args = argparse.Namespace(**ns)
+    net_records = with_overhead(run_jobs(network_jobs(net_args), args.quiet))
+    eval_records = [row for r in run_jobs(network_eval_jobs(net_args), args.quiet) for row in r["rows"]]
+    return {"environment": env, "records": layer_records + net_records + eval_records,
+            "tables": [(layer_records, LAYER_COLUMNS), (net_records, NETWORK_COLUMNS),
+                       (eval_records, EVAL_COLUMNS)]}

@@ -16,19 +16,22 @@ from .plot import plot_sweep
 from .report import format_flagged, row_name
 from .suites import failed
 
-__all__ = ["LAYER_COLUMNS", "NETWORK_COLUMNS", "SWEEP_COLUMNS", "HEADERS", "render", "write_files",
-           "print_text", "exit_status"]
+__all__ = ["EVAL_COLUMNS", "LAYER_COLUMNS", "NETWORK_COLUMNS", "SWEEP_COLUMNS", "HEADERS", "render",
+           "write_files", "print_text", "exit_status"]
 
 LAYER_COLUMNS = ["flag", "kind", "site", "impl", "memory", "batch", "fwd_ms", "step_ms", "step_iqr_ms",
                  "samples_per_s", "gflops", "params", "peak_mib", "error"]
 NETWORK_COLUMNS = ["flag", "model", "batch", "step_ms", "step_iqr_ms", "samples_per_s", "gflops", "params",
                    "memory_batch", "peak_mib", "time_x", "memory_x", "params_x", "gflops_x",
-                   "time_per_flop_x", "error"]
+                   "time_x_spread", "time_x_rounds", "time_per_flop_x", "error"]
+EVAL_COLUMNS = ["flag", "model", "runtime", "batch", "fwd_ms", "time_x", "time_x_spread", "time_x_rounds",
+                "gflops", "gflops_x", "time_per_flop_x", "parity", "error"]
 SWEEP_COLUMNS = ["flag", "kind", "input", "site", "impl", "batch", "step_ms", "peak_mib", "error"]
 HEADERS = {"fwd_ms": "fwd ms", "step_ms": "step ms", "step_iqr_ms": "IQR ms", "samples_per_s": "samples/s",
            "gflops": "GFLOP", "peak_mib": "peak MiB", "memory_batch": "mem batch",
            "time_x": "time x", "memory_x": "memory x", "params_x": "params x", "gflops_x": "FLOP x",
-           "time_per_flop_x": "time/FLOP x"}
+           "time_per_flop_x": "time/FLOP x", "time_x_spread": "spread", "time_x_rounds": "rounds",
+           "parity": "vs torch"}
 
 
 def render(result: dict[str, Any], fmt: str) -> str:
@@ -42,7 +45,7 @@ def render(result: dict[str, Any], fmt: str) -> str:
     env = result["environment"]
     head = (f"{env['date']} | {env['device_name']} | {env['threads']} threads | torch {env['torch']} | "
             f"dtype {env['dtype']} | step: {env['step_text']} | times: median of blocked runs; "
-            f"FLOPs: 2 x multiply-adds, forward")
+            f"time x: median per-round ratio, timed alternately | FLOPs: 2 x multiply-adds, forward")
     return "\n\n".join([head, *parts])
 
 

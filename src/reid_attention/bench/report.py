@@ -95,9 +95,11 @@ def format_records(
 
 
 def row_name(record: dict[str, Any]) -> str:
-    """A row's label in messages: the model, or its kind, level, input, site, impl and memory mode."""
+    """A row's label in messages: the model (with its runtime and batch in eval rows), or its kind,
+    level, input, site, impl and memory mode."""
     if "model" in record:
-        return str(record["model"])
+        runtime = f" ({record['runtime']}, batch {record['batch']})" if "runtime" in record else ""
+        return str(record["model"]) + runtime
     keys = ("kind", "level", "input", "site", "impl", "memory")
     return " ".join(str(record[k]) for k in keys if record.get(k) is not None)
 
