@@ -20,7 +20,7 @@ __all__ = ["EVAL_COLUMNS", "LAYER_COLUMNS", "NETWORK_COLUMNS", "SWEEP_COLUMNS", 
            "write_files", "print_text", "exit_status"]
 
 LAYER_COLUMNS = ["flag", "kind", "site", "impl", "memory", "batch", "fwd_ms", "step_ms", "step_iqr_ms",
-                 "samples_per_s", "gflops", "params", "peak_mib", "error"]
+                 "samples_per_s", "gflops", "params", "peak_mib", "kernels", "moved_mib", "error"]
 NETWORK_COLUMNS = ["flag", "model", "batch", "step_ms", "step_iqr_ms", "samples_per_s", "gflops", "params",
                    "memory_batch", "peak_mib", "time_x", "memory_x", "params_x", "gflops_x",
                    "time_x_spread", "time_x_rounds", "time_per_flop_x", "error"]
@@ -31,7 +31,7 @@ HEADERS = {"fwd_ms": "fwd ms", "step_ms": "step ms", "step_iqr_ms": "IQR ms", "s
            "gflops": "GFLOP", "peak_mib": "peak MiB", "memory_batch": "mem batch",
            "time_x": "time x", "memory_x": "memory x", "params_x": "params x", "gflops_x": "FLOP x",
            "time_per_flop_x": "time/FLOP x", "time_x_spread": "spread", "time_x_rounds": "rounds",
-           "parity": "vs torch"}
+           "parity": "vs torch", "kernels": "kernels/step", "moved_mib": "moved MiB"}
 
 
 def render(result: dict[str, Any], fmt: str) -> str:

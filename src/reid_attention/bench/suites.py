@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .dispatch import count_dispatch
 from .measure import (
     build_from_spec,
     count_flops,
@@ -117,7 +118,7 @@ def measure_layer(spec: dict[str, Any], **options: Any) -> dict[str, Any]:
     }
     if "memory" in kw:
         label["memory"] = kw["memory"]
-    return measure(spec, label, **options)
+    return measure(spec, label, dispatch=True, **options)
 
 
 def unreliable_reasons(record: dict[str, Any]) -> list[str]:
@@ -166,9 +167,11 @@ def measure(
     memory_batch: int | None = None,
     forward: bool = False,
     min_run_time: float = 1.0,
+    dispatch: bool = False,
 ) -> dict[str, Any]:
     """Time one training step (``spec["step"]``; optionally the forward alone), FLOPs,
-    parameters, peak memory of the same step.
+    parameters, peak memory of the same step; with ``dispatch`` (eager modules only) the kernels
+    the step launches and the bytes they move (:func:`.dispatch.count_dispatch`).
 
     The memory probe runs first, at ``memory_batch`` (default: the timed batch; 0 skips it), in
     a capped subprocess; if it runs out of memory at or below the timed batch, timing is skipped.
@@ -202,6 +205,8 @@ def measure(
         step = train_step(module, x, autocast, step=record["step"])
         record.update(_timed(step, min_run_time=min_run_time, threads=threads, prefix="step"))
         record["samples_per_s"] = batch / (record["step_ms"] / 1e3)
+        if dispatch and not spec.get("compile"):
+            record.update(count_dispatch(step))
         if forward:
             with torch.no_grad():
                 fwd = forward_fn(module, x, autocast)
