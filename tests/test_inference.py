@@ -1,4 +1,5 @@
-"""fold_batchnorm_scales: same eval function, original untouched, state_dict contract kept."""
+"""fold_batchnorm_scales (deprecated): same eval function, original untouched, state_dict contract
+kept, and the deprecation said on every call."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from helpers import (
 from torch import nn
 
 from reid_attention.inference import fold_batchnorm_scales
+
+# Deprecated: every call warns (test_fold_is_deprecated); the other tests check the function.
+pytestmark = pytest.mark.filterwarnings("ignore:fold_batchnorm_scales is deprecated:DeprecationWarning")
 
 # float64: folding reorders a few multiplications (helpers.FORWARD_TOL: the modelled rounding of
 # both forwards uses <= 0.5% of it, folded or not)
@@ -120,3 +124,9 @@ def test_unfoldable_pairs_are_left_alone(seq):
 def test_meta_device_module_folds():
     folded = fold_batchnorm_scales(build("rga_sc").to("meta"))
     assert folded(make_input(2).to("meta")).shape == (2, 64, 16, 8)
+
+
+@pytest.mark.filterwarnings("default")
+def test_fold_is_deprecated():
+    with pytest.warns(DeprecationWarning, match="does not speed up inference"):
+        fold_batchnorm_scales(build("rga_s"))

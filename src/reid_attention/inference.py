@@ -1,4 +1,9 @@
-"""BatchNorm scale folding: :func:`fold_batchnorm_scales`.
+"""BatchNorm scale folding: :func:`fold_batchnorm_scales` (deprecated: no measured gain).
+
+**Deprecated**, to be removed in the next release: the fold does not make inference faster
+(``benchmarks/inference_fold.py``: 0.93-1.24x at the RGA paper sites, noise around 1), and the
+runtime users deploy to folds for itself: ONNX Runtime fuses every Conv + BatchNorm pair of an
+exported model (``reid-attention bench network --mode eval`` measures both runtimes).
 
 An eval-mode BatchNorm after a convolution is an affine map per output channel,
 
@@ -30,6 +35,7 @@ handing the weights to a runtime or a kernel that applies the shift as a bias.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -53,7 +59,15 @@ def fold_batchnorm_scales(module: nn.Module) -> nn.Module:
     The copy is for inference: in training mode a folded BatchNorm would normalise with batch
     statistics again and the folded scale would be lost. It is not faster than ``module.eval()``
     (see the module docstring).
+
+    Deprecated (a ``DeprecationWarning`` on every call): see the module docstring.
     """
+    warnings.warn(
+        "fold_batchnorm_scales is deprecated and will be removed in the next release: it does not "
+        "speed up inference (benchmarks/inference_fold.py); export to ONNX Runtime, which fuses "
+        "Conv + BatchNorm itself (reid-attention bench network --mode eval)",
+        DeprecationWarning, stacklevel=2,
+    )
     folded = copy.deepcopy(module).eval()
     for seq in folded.modules():
         if isinstance(seq, nn.Sequential):
