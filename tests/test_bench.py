@@ -654,3 +654,28 @@ def test_layer_rows_count_kernels_and_bytes(capsys):
     rows = {r["impl"]: r for r in json.loads(capsys.readouterr().out)["records"]}
     assert rows["fused"]["kernels"] < rows["reference"]["kernels"]
     assert rows["fused"]["moved_mib"] < rows["reference"]["moved_mib"]
+
+
+def _run_script(name, tmp_path, *args):
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / name
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(script), "--quick", "--out", str(out), *args],
+                   check=True, capture_output=True, text=True)
+    return json.loads(out.read_text())["records"]
+
+
+def test_launch_counts_quick_run(tmp_path):
+    records = _run_script("launch_counts.py", tmp_path)
+    assert [(r["kind"], r["impl"]) for r in records] == [
+        (k, i) for k in ("pfsa", "apnet_s") for i in ("reference", "fused")]
+    for r in records:
+        assert r["kernels"] > 0 and r["bound"] in ("launches", "bytes")
+        assert max(r["launch_floor_ms"], r["traffic_floor_ms"]) > 0
+    assert all(r["floor_x"] > 0 for r in records if r["impl"] == "fused")
+
+
+def test_lean_vs_default_quick_run(tmp_path):
+    records = _run_script("lean_vs_default.py", tmp_path)
+    assert [r["kind"] for r in records] == ["rga_sc", "apnet_s"]
+    for r in records:
+        assert r["time_x_rounds"] == 2 and r["default_mib"] > 0 and r["lean_mib"] > 0

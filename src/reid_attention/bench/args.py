@@ -7,11 +7,8 @@ status 2 before any row runs: an unwritable path (as it parses), a missing optio
 from __future__ import annotations
 
 import argparse
-import difflib
-import os
-import pathlib
 from collections.abc import Iterable, Sequence
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -20,7 +17,21 @@ from .._cli import OneLineParser, parse_size
 from .._extras import MissingExtraError, require
 from .._switches import IMPLS, MEMORY_MODES
 from ..registry import create_attention, list_attentions
-from .jobs import BenchSite, layer_cases, sweep_cases
+from .argtypes import (
+    backbone,
+    device,
+    layer_sites,
+    non_negative_int,
+    one_of,
+    parse_sites,
+    positive_float,
+    positive_int,
+    positive_ints,
+    sizes,
+    spread,
+    writable,
+)
+from .jobs import layer_cases, sweep_cases
 from .measure import MALLOC_MODES, STEPS
 from .network import DEFAULT_EVAL_BATCHES, DEFAULT_MAX_ROUNDS, RUNTIMES
 from .paired import MAX_SPREAD
@@ -35,9 +46,12 @@ What attention layers cost: one training step's time, forward FLOPs, parameters,
 
   reid-attention bench            the default run (CPU-sized, what `make bench` runs): every
                                   kind at one paper site, reference vs fused, then
-                                  ResNet-50 + RGA-SC at layer1..4 vs plain ResNet-50
-  reid-attention bench layers     attention kinds at their papers' sites
+                                  ResNet-50 + RGA-SC at layer1..4 vs plain ResNet-50, in
+                                  training and in inference (torch, ONNX Runtime)
+  reid-attention bench layers     attention kinds at their papers' sites (with the kernels a
+                                  step launches and the bytes they move)
   reid-attention bench network    a backbone with attention inserted vs the plain backbone
+                                  (--mode train or eval)
   reid-attention bench sweep      cost as the input resolution grows, with a plot
 
 The timed step (--step): 'optimizer' (default) = forward, a loss, backward, an SGD step with
@@ -46,148 +60,13 @@ with gradients accumulating into existing buffers. Peak memory is measured on th
 Units: time in ms (median of blocked runs, and its IQR); FLOPs = 2 x multiply-adds of the
 forward, GFLOP at the timed batch; memory = peak MiB of one step above the set-up (CPU:
 high-water mark of a fresh, memory-capped subprocess; CUDA: max_memory_allocated).
+A network's time x is the median of per-round ratios, the two models timed alternately; a
+ratio whose spread stays above --max-spread is not printed (the row is marked unreliable).
 A '!' marks a row whose timing is unreliable (the reasons follow the table).
 Exit status: 0, 1 if a row failed other than by running out of memory, 2 for bad arguments.
 See 'reid-attention bench COMMAND --help' for a command's options."""
 
-SITE_KEYWORDS = ("paper", "first", "default")
 COMMANDS = ("layers", "network", "sweep", "default")
-
-
-# --- argument types: each raises ArgumentTypeError naming what was expected ---------------------
-
-
-def _positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def _non_negative_int(text: str) -> int:
-    if not text.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
-
-
-def _positive_ints(text: str) -> list[int]:
-    return [_positive_int(part) for part in text.split(",")]
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
-def _spread(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (e.g. 0.05), got {text!r}")
-    return value
-
-
-def _sizes(text: str) -> list[tuple[int, int]]:
-    return [parse_size(t) for t in text.split(",")]
-
-
-def parse_sites(text: str) -> list[BenchSite]:
-    """``"256:64x32,512:32x16"`` -> [(256, (64, 32)), (512, (32, 16))]; every number positive."""
-    sites = []
-    for item in filter(None, text.split(",")):
-        c, sep, hw = item.partition(":")
-        try:
-            if not sep or not c.isdigit() or int(c) < 1:
-                raise argparse.ArgumentTypeError(c)
-            sites.append((int(c), parse_size(hw)))
-        except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(
-                f"expected sites as C:HxW,... with positive numbers (e.g. 256:64x32), got {item!r}") from None
-    if not sites:
-        raise argparse.ArgumentTypeError(f"expected at least one site C:HxW, got {text!r}")
-    return sites
-
-
-def _layer_sites(text: str) -> str | list[BenchSite]:
-    """A keyword of ``SITE_KEYWORDS`` or an explicit list of sites."""
-    if text in SITE_KEYWORDS:
-        return text
-    try:
-        return parse_sites(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected {', '.join(map(repr, SITE_KEYWORDS))} or C:HxW,... with positive C, H and W "
-            f"(e.g. 256:64x32,512:32x16), got {text!r}") from None
-
-
-def _one_of(choices: Sequence[str], what: str, *, many: bool = False, all_word: bool = False,
-            listing: str | None = None) -> Callable[[str], str | list[str]]:
-    """A type accepting one of ``choices`` (``many``: a comma-separated list; ``all_word``: or
-    'all'), hinting near misses; ``listing`` replaces the list of choices in the message."""
-
-    def convert(text: str) -> str | list[str]:
-        if all_word and text == "all":
-            return list(choices)
-        items = text.split(",") if many else [text]
-        for item in items:
-            if item not in choices:
-                close = difflib.get_close_matches(item, choices, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                expected = listing or ", ".join(choices) + (" or 'all'" if all_word else "")
-                raise argparse.ArgumentTypeError(f"unknown {what} {item!r}{hint}; expected {expected}")
-        return items if many else text
-
-    return convert
-
-
-def _device(text: str) -> str:
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "built without CUDA" if torch.version.cuda is None else "no GPU visible"
-            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here "
-                                             f"(torch {torch.__version__}, {build}); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: expected a GPU index below {torch.cuda.device_count()}")
-    return text
-
-
-def _backbone(text: str) -> str:
-    try:
-        torchvision = require("torchvision", feature="reid-attention bench network", extra="bench")
-    except MissingExtraError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    names = torchvision.models.list_models(module=torchvision.models)
-    listing = "a name of torchvision.models.list_models(module=torchvision.models), e.g. resnet50"
-    name = _one_of(names, "torchvision classification model", listing=listing)(text)
-    assert isinstance(name, str)  # one choice, not a list (many=False)
-    return name
-
-
-def _writable(text: str) -> pathlib.Path:
-    """A file path that can be written: not a directory, and its nearest existing ancestor a
-    writable directory (the missing ones are created when writing)."""
-    path = pathlib.Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a directory; expected a file path")
-    where = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
-    if where is not path and not where.is_dir():
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(where)!r} is not a directory")
-    if not os.access(where, os.W_OK):
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(where)!r} is not writable")
-    return path
 
 
 # --- the parser and the checks before any work ----------------------------------------------
@@ -229,27 +108,27 @@ class BenchParser(OneLineParser):
 
 
 def _add_common(p: argparse.ArgumentParser, batch: int, memory_batch: int | None) -> None:
-    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="float32, or autocast to bfloat16 / float16")
-    p.add_argument("--batch", type=_positive_int, default=batch, help="timed batch size")
+    p.add_argument("--batch", type=positive_int, default=batch, help="timed batch size")
     memory_default = "the timed batch" if memory_batch is None else str(memory_batch)
-    p.add_argument("--memory-batch", type=_non_negative_int, default=memory_batch,
+    p.add_argument("--memory-batch", type=non_negative_int, default=memory_batch,
                    help=f"batch of the peak-memory probe; 0 skips it (default: {memory_default})")
     p.add_argument("--step", default="optimizer", choices=STEPS,
                    help="the timed training step: 'optimizer' (loss, backward, SGD momentum step, "
                         "zero_grad(set_to_none=True)) or 'accumulate' (forward().backward(), gradients "
                         "accumulating)")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads (default: torch's thread count)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--malloc", default="system", choices=MALLOC_MODES,
                    help="CPU allocation while timing: glibc's defaults (system), or retain freed memory for "
                         "reuse like a caching allocator (retain; Linux/glibc)")
-    p.add_argument("--repeat", dest="min_run_time", metavar="SECONDS", type=_positive_float, default=0.5,
+    p.add_argument("--repeat", dest="min_run_time", metavar="SECONDS", type=positive_float, default=0.5,
                    help="seconds of timed runs per row (torch.utils.benchmark blocked autorange)")
     p.add_argument("--format", default="table", choices=FORMATS, help="output format")
-    p.add_argument("--out", type=_writable, default=None,
+    p.add_argument("--out", type=writable, default=None,
                    help="also write the output to this file, in --format (default: print only)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -259,18 +138,18 @@ def build_parser() -> BenchParser:
     parser = BenchParser(prog="reid-attention bench", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"reid-attention {__version__}")
     sub = parser.add_subparsers(dest="command", title="commands", parser_class=BenchParser)
-    kinds = _one_of(list_attentions(), "attention kind", many=True, all_word=True)
-    impls = _one_of(IMPLS, "impl", many=True)
+    kinds = one_of(list_attentions(), "attention kind", many=True, all_word=True)
+    impls = one_of(IMPLS, "impl", many=True)
 
     layers = sub.add_parser("layers", help="attention kinds at their papers' sites, reference vs fused",
                             description="Every attention kind at its papers' sites, reference vs fused.")
     layers.add_argument("--kind", type=kinds, default="all",
                         help=f"comma-separated kinds ({', '.join(list_attentions())}) or 'all'")
-    layers.add_argument("--sites", type=_layer_sites, default="paper",
+    layers.add_argument("--sites", type=layer_sites, default="paper",
                         help="'paper' (every paper site), 'first' (the first), 'default' (the default run's) "
                              "or explicit sites C:HxW,... (e.g. 256:64x32)")
     layers.add_argument("--impl", type=impls, default=",".join(IMPLS), help="comma-separated impls")
-    layers.add_argument("--memory", type=_one_of(MEMORY_MODES, "memory mode", many=True), default="default",
+    layers.add_argument("--memory", type=one_of(MEMORY_MODES, "memory mode", many=True), default="default",
                         help="comma-separated memory modes of the fused RGA / APNet-S rows (default, lean); "
                              "other rows run once")
     layers.add_argument("--compile", action="store_true", help="torch.compile the layer first")
@@ -280,12 +159,12 @@ def build_parser() -> BenchParser:
                          description="A torchvision backbone with attention inserted vs the plain backbone: "
                                      "time_x, memory_x, gflops_x and time_per_flop_x (= time_x / gflops_x, "
                                      "1.0 = time grows exactly with the FLOPs).")
-    net.add_argument("--backbone", type=_backbone, default="resnet50",
+    net.add_argument("--backbone", type=backbone, default="resnet50",
                      help="a torchvision classification model")
-    net.add_argument("--attention", type=_one_of(list_attentions(), "attention kind"), default="rga_sc",
+    net.add_argument("--attention", type=one_of(list_attentions(), "attention kind"), default="rga_sc",
                      help=f"one of {', '.join(list_attentions())}")
-    net.add_argument("--impl", type=_one_of(IMPLS, "impl"), default="fused", help="the attention's impl")
-    net.add_argument("--memory", type=_one_of(MEMORY_MODES, "memory mode"), default="default",
+    net.add_argument("--impl", type=one_of(IMPLS, "impl"), default="fused", help="the attention's impl")
+    net.add_argument("--memory", type=one_of(MEMORY_MODES, "memory mode"), default="default",
                      help="RGA / APNet-S memory mode: 'lean' recomputes the relation embedding in backward")
     net.add_argument("--input-size", type=parse_size, default="256x128", help="input HxW")
     net.add_argument("--last-stride", type=int, choices=(0, 1, 2), default=1,
@@ -297,14 +176,14 @@ def build_parser() -> BenchParser:
     net.add_argument("--mode", default="train", choices=("train", "eval"),
                      help="train: a training step (timed alone, then both alternately for time_x); eval: "
                           "eval-mode forward at --eval-batches in each of --runtimes")
-    net.add_argument("--eval-batches", type=_positive_ints, default=",".join(map(str, DEFAULT_EVAL_BATCHES)),
+    net.add_argument("--eval-batches", type=positive_ints, default=",".join(map(str, DEFAULT_EVAL_BATCHES)),
                      help="comma-separated batches of --mode eval (default 1 (latency), 64 (throughput))")
-    net.add_argument("--runtimes", type=_one_of(RUNTIMES, "runtime", many=True), default=",".join(RUNTIMES),
+    net.add_argument("--runtimes", type=one_of(RUNTIMES, "runtime", many=True), default=",".join(RUNTIMES),
                      help="comma-separated runtimes of --mode eval: torch, onnxruntime (exported, outputs "
                           "checked against torch's)")
-    net.add_argument("--max-spread", type=_spread, default=MAX_SPREAD,
+    net.add_argument("--max-spread", type=spread, default=MAX_SPREAD,
                      help="largest spread (IQR / median) of the per-round ratios to report time_x")
-    net.add_argument("--max-rounds", type=_positive_int, default=DEFAULT_MAX_ROUNDS,
+    net.add_argument("--max-rounds", type=positive_int, default=DEFAULT_MAX_ROUNDS,
                      help="alternating rounds at most before a ratio is reported unreliable")
     _add_common(net, batch=8, memory_batch=32)
 
@@ -312,13 +191,13 @@ def build_parser() -> BenchParser:
                            help="cost as the input resolution grows, reference vs fused, with a plot",
                            description="Cost of a layer at one site as the input resolution grows.")
     sweep.add_argument("--kind", type=kinds, default="rga_s", help="comma-separated kinds or 'all'")
-    sweep.add_argument("--channels", type=_positive_int, default=256,
+    sweep.add_argument("--channels", type=positive_int, default=256,
                        help="site channels (256: ResNet layer1)")
-    sweep.add_argument("--stride", type=_positive_int, default=4, help="site output stride (4: layer1)")
-    sweep.add_argument("--resolutions", type=_sizes, default="128x64,256x128,384x192,512x256",
+    sweep.add_argument("--stride", type=positive_int, default=4, help="site output stride (4: layer1)")
+    sweep.add_argument("--resolutions", type=sizes, default="128x64,256x128,384x192,512x256",
                        help="comma-separated input sizes HxW")
     sweep.add_argument("--impl", type=impls, default=",".join(IMPLS), help="comma-separated impls")
-    sweep.add_argument("--plot", type=_writable, default=None,
+    sweep.add_argument("--plot", type=writable, default=None,
                        help="PNG path (default: next to --out, with .png; none without --out)")
     _add_common(sweep, batch=16, memory_batch=None)
 

@@ -65,6 +65,9 @@ def _onnx_forward(module: nn.Module, example: Tensor, threads: int | None) -> Fo
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # Two sessions are timed in turn: an idle one's spinning threads would steal the cores of the
+    # one being timed (its default spin-wait), so its threads sleep when idle.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(onnx_program.model_proto.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
