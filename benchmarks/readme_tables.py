@@ -17,7 +17,8 @@ HEADERS = {"step_ms": "step ms", "gflops": "GFLOP fwd", "peak_mib": "peak MiB", 
            "memory_x": "memory x", "params_x": "params x", "gflops_x": "FLOP x",
            "time_per_flop_x": "time/FLOP x", "eval_ms": "eval fwd ms", "step_iqr_ms": "IQR ms",
            "time_x_iqr": "IQR of time x",
-           "time_x_over_floor": "time x / FLOP x"}
+           "time_x_over_floor": "time x / FLOP x", "time_x_spread": "spread", "kernels": "kernels/step",
+           "moved_mib": "moved MiB", "parity": "vs torch", "runtime": "runtime"}
 STEPS = {"optimizer": "training step = forward, loss, backward, SGD momentum step, "
                       "zero_grad(set_to_none=True)",
          "accumulate": "step = forward().backward(grad), gradients accumulating"}
@@ -47,6 +48,13 @@ def section(title: str, result, columns, note: str = "") -> str:
 def split(result, key):
     """The records of a result that have ``key`` (the default run holds layer and network rows)."""
     return None if result is None else dict(result, records=[r for r in result["records"] if key in r])
+
+
+def split_training(result):
+    """The default run's network training rows (not its inference rows)."""
+    if result is None:
+        return None
+    return dict(result, records=[r for r in result["records"] if "model" in r and "runtime" not in r])
 
 
 def cuda_sections():
@@ -79,11 +87,18 @@ def main() -> None:
                  "error"],
                 "Each kind at one paper site (RGA and PFSA: layer1; APNet: layer3), batch 8; peak memory of "
                 "one training step at batch 8; 0.5 s of timed runs per row."),
-        section("Default run (`make bench`): network", split(default, "model"),
-                ["model", "batch", "step_ms", "gflops", "params", "time_x", "params_x", "gflops_x",
-                 "time_per_flop_x"],
+        section("Default run (`make bench`): layers, kernels and bytes", split(default, "kind"),
+                ["kind", "site", "impl", "kernels", "moved_mib"],
+                "One training step at batch 8: ATen ops that compute and their tensor bytes."),
+        section("Default run (`make bench`): network", split_training(default),
+                ["model", "batch", "step_ms", "gflops", "params", "time_x", "time_x_spread", "params_x",
+                 "gflops_x", "time_per_flop_x"],
                 "ResNet-50 (last stride 1, 256x128) with fused RGA-SC at layer1..4 vs plain, one training "
-                "step."),
+                "step; time x: the two steps timed alternately."),
+        section("Default run (`make bench`): inference", split(default, "runtime"),
+                ["model", "runtime", "batch", "fwd_ms", "time_x", "time_x_spread", "gflops_x",
+                 "time_per_flop_x", "parity"],
+                "Eval-mode forward, PyTorch and ONNX Runtime (parity: max |ORT - torch| / max |torch|)."),
         section("RGA at the paper's four sites", load("rga_sites_cpu.json"),
                 ["kind", "site", "impl", "step_ms", "gflops", "params", "peak_mib"],
                 "Training step at batch 8; FLOPs at batch 8; peak memory of the same step at batch 32."),

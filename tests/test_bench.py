@@ -142,7 +142,7 @@ def test_default_run_builds_its_rows(monkeypatch, capsys):
     network = [r for r in records if "model" in r and "runtime" not in r]
     assert [r.get("time_x") for r in network] == [1.0, 1.3]
     evals = [(r["runtime"], r["batch"]) for r in records if "runtime" in r]
-    assert evals == [(rt, b) for rt in ("torch", "onnxruntime") for b in (1, 64) for _ in range(2)]
+    assert evals == [(rt, b) for rt in ("torch", "onnxruntime") for b in (1, 8) for _ in range(2)]
 
 
 def test_cli_sweep_writes_plot(tmp_path, capsys):

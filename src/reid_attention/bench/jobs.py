@@ -17,7 +17,7 @@ import torch
 from .._switches import IMPLS, MemorySwitch
 from ..registry import create_attention, list_attentions, needs_feat_size
 from .measure import set_malloc
-from .network import DEFAULT_EVAL_BATCHES, DEFAULT_MAX_ROUNDS, available_runtimes, eval_rows, paired_step
+from .network import DEFAULT_MAX_ROUNDS, available_runtimes, eval_rows, paired_step
 from .paired import MAX_SPREAD, PairedRatio, rounds_options
 from .render import EVAL_COLUMNS, LAYER_COLUMNS, NETWORK_COLUMNS, SWEEP_COLUMNS
 from .report import environment
@@ -248,13 +248,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "sweep":
         records = run_jobs(sweep_jobs(args), args.quiet)
         return {"environment": env, "records": records, "tables": [(records, SWEEP_COLUMNS)]}
-    # default: every kind at one paper site (DEFAULT_SITES), then the ResNet-50 + RGA-SC overhead
+    # default: every kind at one paper site (DEFAULT_SITES), then the ResNet-50 + RGA-SC overhead in
+    # training and in inference (CPU-sized: batches 1 and 8; `bench network --mode eval` defaults to 1 and 64)
     ns = dict(vars(args), kind=list_attentions(), sites="default", impl=list(IMPLS), memory=["default"],
               compile=False)
     layer_records = run_jobs(layer_jobs(argparse.Namespace(**ns)), args.quiet)
     ns.update(backbone="resnet50", attention="rga_sc", impl="fused", input_size=(256, 128), last_stride=1,
               memory="default", memory_batch=0, sites=["layer1", "layer2", "layer3", "layer4"],
-              eval_batches=DEFAULT_EVAL_BATCHES, runtimes=available_runtimes(), max_spread=MAX_SPREAD,
+              eval_batches=(1, 8), runtimes=available_runtimes(), max_spread=MAX_SPREAD,
               max_rounds=DEFAULT_MAX_ROUNDS)
     net_args = argparse.Namespace(**ns)
     net_records = with_overhead(run_jobs(network_jobs(net_args), args.quiet))

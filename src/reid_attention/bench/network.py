@@ -56,8 +56,8 @@ def _torch_forward(module: nn.Module) -> Forward:
 def _onnx_forward(module: nn.Module, example: Tensor, threads: int | None) -> Forward:
     """ONNX Runtime (CPU) running ``module`` exported with a dynamic batch (torch.export, dynamo
     ONNX exporter)."""
-    ort = require("onnxruntime", feature="bench network --mode eval (onnxruntime)", extra="test")
-    require("onnxscript", feature="bench network --mode eval (onnxruntime)", extra="test")
+    ort = require("onnxruntime", feature="bench network --mode eval (onnxruntime)", extra="bench")
+    require("onnxscript", feature="bench network --mode eval (onnxruntime)", extra="bench")
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
     onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
