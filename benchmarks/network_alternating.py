@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.batch, args.rounds = 2, 2
     torch.set_num_threads(args.threads)
-    variants = {"resnet50": {}, "resnet50 + rga_sc (default)": {"memory": "default"},
+    variants = {"resnet50": {}, "resnet50 + rga_sc (full)": {"memory": "full"},
                 "resnet50 + rga_sc (lean)": {"memory": "lean"}}
     x = torch.randn(args.batch, 3, *size, device=args.device)
     steps, flops = {}, {}

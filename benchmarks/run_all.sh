@@ -34,7 +34,7 @@ step network_accumulate $PY -m reid_attention bench network --threads 2 --batch 
     --out $R/network_resnet50_rga_sc_cpu_accumulate.json --quiet
 step network_alternating $PY benchmarks/network_alternating.py --threads 2 --rounds 15
 step layer1_vs_official $PY -m reid_attention bench layers --threads 2 --kind rga_sc --sites first --batch 8 \
-    --memory-batch 32 --memory default,lean --format json --out $R/layer1_rga_sc_vs_official_cpu.json --quiet
+    --memory-batch 32 --memory full,lean --format json --out $R/layer1_rga_sc_vs_official_cpu.json --quiet
 step sweep $PY -m reid_attention bench sweep --threads 2 --kind rga_s --batch 16 --format json \
     --out $R/sweep_rga_s_cpu.json --plot $R/sweep_rga_s_cpu.png --quiet
 step inference_fold $PY benchmarks/inference_fold.py --threads 2

@@ -103,11 +103,11 @@ def test_cli_layers_every_format(fmt, capsys, tmp_path):
 
 
 def test_cli_layers_memory_modes(capsys):
-    """--memory default,lean: one fused row per mode for RGA / APNet-S kinds, one row otherwise."""
+    """--memory full,lean: one fused row per mode for RGA / APNet-S kinds, one row otherwise."""
     tiny = ["--sites", "64:16x8", "--batch", "2", "--repeat", "0.01", "--quiet", "--format", "json"]
-    assert main(["layers", "--kind", "rga_s,pfsa", "--memory", "default,lean", *tiny]) == 0
+    assert main(["layers", "--kind", "rga_s,pfsa", "--memory", "full,lean", *tiny]) == 0
     rows = [(r["kind"], r["impl"], r.get("memory")) for r in json.loads(capsys.readouterr().out)["records"]]
-    assert rows == [("rga_s", "reference", None), ("rga_s", "fused", "default"), ("rga_s", "fused", "lean"),
+    assert rows == [("rga_s", "reference", None), ("rga_s", "fused", "full"), ("rga_s", "fused", "lean"),
                     ("pfsa", "reference", None), ("pfsa", "fused", None)]
     assert main(["layers", "--kind", "rga_s", *tiny]) == 0  # the default mode only: no memory field
     assert all("memory" not in r for r in json.loads(capsys.readouterr().out)["records"])
@@ -625,7 +625,7 @@ def test_network_alternating_quick_run(tmp_path):
     subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--out", str(out)],
                    check=True, capture_output=True, text=True)
     records = {r["model"]: r for r in json.loads(out.read_text())["records"]}
-    assert list(records) == ["resnet50", "resnet50 + rga_sc (default)", "resnet50 + rga_sc (lean)"]
+    assert list(records) == ["resnet50", "resnet50 + rga_sc (full)", "resnet50 + rga_sc (lean)"]
     assert records["resnet50"]["time_x"] == 1.0 and records["resnet50"]["gflops_x"] == 1.0
     for name in list(records)[1:]:
         assert records[name]["gflops_x"] > 1 and records[name]["step_ms"] > 0

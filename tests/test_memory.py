@@ -93,7 +93,7 @@ def test_lean_with_sync_batchnorm_runs_each_norm_once():
 
 
 def test_memory_validation_and_no_grad():
-    with pytest.raises(ValueError, match="memory must be one of \\('default', 'lean'\\), got 'small'"):
+    with pytest.raises(ValueError, match="memory must be one of \\('auto', 'full', 'lean'\\), got 'small'"):
         ra.RGA(8, (4, 4), memory="small")
     m = ra.APNetS(8, (4, 4), memory="lean")
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_lean_with_stripes_whose_norms_differ_takes_the_default_path():
     assert_same_step(run_step(default, x_()), run_step(lean, x_()))
 
 
-@pytest.mark.parametrize("memory", ["default", "lean"])
+@pytest.mark.parametrize("memory", ["full", "lean"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_rga_sc_keeps_no_gated_map_for_backward(memory, channels_last):
     """Of the full-size maps only the input is kept: y1 = x * s1 is recomputed in backward."""
@@ -248,16 +248,22 @@ def test_lean_embedding_recomputation_reuses_the_first_run():
             assert torch.equal(value, saved[name]), name
 
 
-@pytest.mark.parametrize("memory", ["default", "lean"])
+@pytest.mark.parametrize("memory", ["full", "lean", "auto-small", "auto-large"])
 def test_lean_holds_no_whole_embedding(memory, monkeypatch):
     """With one sample per chunk, no (B, n/s, n) embedding exists in a lean training step (the
-    default path holds it whole: the check can fail)."""
+    full path holds it whole: the check can fail). ``memory="auto"`` is lean exactly when the
+    call's embedding holds at least ``AUTO_LEAN_ELEMENTS`` values (here 3 x n/s x n: the
+    threshold is set just above it, or at it)."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from reid_attention import _switches
 
     monkeypatch.setattr(embedding, "CHUNK_ELEMENTS", 1)
     torch.manual_seed(0)
-    module = ra.RGA(16, (8, 8), channel=False, memory=memory).train()
+    module = ra.RGA(16, (8, 8), channel=False, memory=memory.partition("-")[0]).train()
     n, n_inner = 64, module.widths["spatial"].tokens
+    size = 3 * n_inner * n
+    monkeypatch.setattr(_switches, "AUTO_LEAN_ELEMENTS", size + 1 if memory == "auto-small" else size)
     x = torch.rand(3, 16, 8, 8, requires_grad=True)
     shapes = []
 
@@ -272,7 +278,35 @@ def test_lean_holds_no_whole_embedding(memory, monkeypatch):
     with Record():
         module(x).sum().backward()
     whole = [s for s in shapes if s[0] == len(x)]  # (B, [1,] n/s, n), not a chunk or a weight
-    assert bool(whole) == (memory == "default"), whole
+    assert bool(whole) == (memory in ("full", "auto-small")), whole
+
+
+def test_auto_is_the_default_and_default_is_full_deprecated():
+    assert ra.RGA(8, (4, 4)).memory == ra.APNetS(8, (4, 4)).memory == "auto"
+    with pytest.warns(DeprecationWarning, match='memory="default" is deprecated.*"full"'):
+        m = ra.RGA(8, (4, 4), memory="default")
+    assert m.memory == "full"
+
+
+@pytest.mark.parametrize("kind", ["rga_sc", "apnet_s"])
+def test_auto_takes_the_lean_form_only_for_large_embeddings(kind, monkeypatch):
+    """The same training step (outputs, gradients, statistics) under "auto" as under "full",
+    whichever form "auto" takes; and it takes the lean form exactly above the threshold."""
+    import reid_attention._relation as relation
+    from reid_attention import _switches
+
+    calls = []
+    original = relation.lean_logits
+    monkeypatch.setattr(relation, "lean_logits", lambda *a, **k: calls.append(1) or original(*a, **k))
+    full = build(kind).train()
+    full.memory = "full"
+    for threshold, expect_lean in ((1 << 40, False), (1, True)):
+        monkeypatch.setattr(_switches, "AUTO_LEAN_ELEMENTS", threshold)
+        auto = copy.deepcopy(full)
+        auto.memory = "auto"
+        calls.clear()
+        assert_same_step(run_step(copy.deepcopy(full), x_()), run_step(auto, x_()))
+        assert bool(calls) == expect_lean
 
 
 @pytest.mark.parametrize("kind", ["rga_sc", "apnet_s"])

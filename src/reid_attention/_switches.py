@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import NoReturn
 
 from ._checks import ArgumentError
 
 IMPLS = ("reference", "fused")
-MEMORY_MODES = ("default", "lean")
+MEMORY_MODES = ("auto", "full", "lean")
+# memory="auto" takes the lean form for a call whose relation embedding holds at least this many values
+# (batch x agents x n/s x n); below it the full form is as fast or faster (benchmarks/lean_vs_default.py:
+# every row that settled, 0.68x-2.16x, sits on the side of this line where its mode is the faster).
+AUTO_LEAN_ELEMENTS = 1 << 22
 
 
 def check_impl(impl: object) -> str:
@@ -49,7 +54,9 @@ class ImplSwitch:
 
 
 class MemorySwitch:
-    """Mixin of the relation layers: ``memory`` ("default" | "lean"), validated on assignment.
+    """Mixin of the relation layers: ``memory`` ("auto" | "full" | "lean"), validated on assignment.
+
+    ``"full"``: the fused path keeps what autograd keeps, the relation embedding included.
 
     ``"lean"``: the fused path keeps, of each agent's computation after its projection GEMM,
     only that GEMM's output (3d' x n per sample) and a few small results (the relation
@@ -58,10 +65,16 @@ class MemorySwitch:
     activation of a training step (n/s x n per sample), is computed in batch chunks and never
     held whole (:mod:`reid_attention._relation.lean`). Same gradients and statistics. Exact
     BatchNorms and plain ReLUs only (a module must not run twice); other norms keep the
-    default path.
+    full path.
+
+    ``"auto"`` (the default): per call, the lean form where the call's relation embedding holds
+    at least :data:`AUTO_LEAN_ELEMENTS` values (large maps, large batches: there it is as fast or
+    faster, and it is where the memory goes), the full form below. Same results either way.
+    ``"default"``, this switch's name for ``"full"`` in 0.1.0, is accepted with a
+    DeprecationWarning.
     """
 
-    _memory: str = "default"
+    _memory: str = "auto"
 
     @property
     def memory(self) -> str:
@@ -69,11 +82,19 @@ class MemorySwitch:
 
     @memory.setter
     def memory(self, value: str) -> None:
+        if value == "default":
+            warnings.warn(
+                'memory="default" is deprecated: the mode that keeps every activation is now called '
+                '"full", and the default is "auto"', DeprecationWarning, stacklevel=3,
+            )
+            value = "full"
         if not isinstance(value, str) or value not in MEMORY_MODES:
             raise ArgumentError("memory", value, f"memory must be one of {MEMORY_MODES}, got {value!r}")
         self._memory = value
 
-    @property
-    def _lean(self) -> bool:
-        """Whether ``memory == "lean"``."""
+    def _wants_lean(self, embedding_elements: int) -> bool:
+        """Whether a call whose relation embedding holds ``embedding_elements`` values takes the
+        lean form (where it applies: :func:`reid_attention._relation.lean_applies`)."""
+        if self._memory == "auto":
+            return embedding_elements >= AUTO_LEAN_ELEMENTS
         return self._memory == "lean"

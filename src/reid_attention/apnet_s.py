@@ -63,7 +63,8 @@ class APNetS(ImplSwitch, MemorySwitch, nn.Module):
         min_width: floor of the agents' inner widths (see :class:`RGA`), so any stripe size builds.
         norm_layer: ``num_channels -> nn.Module`` for the agents' norms (see :class:`RGA`).
         impl: ``"fused"`` (default) or ``"reference"``; settable, and passed on to the agents.
-        memory: ``"default"`` or ``"lean"`` (see :class:`RGA`); settable.
+        memory: ``"auto"`` (default), ``"full"`` or ``"lean"`` (see :class:`RGA`; ``"auto"`` counts the
+            relation embeddings of a level's stripes together); settable.
         device, dtype: torch's factory keywords.
         **rga_kw: channel_ratio, spatial_ratio, down_ratio of the agents (see :class:`RGA`).
 
@@ -103,7 +104,7 @@ class APNetS(ImplSwitch, MemorySwitch, nn.Module):
         min_width: int = 1,
         norm_layer: NormLayer = nn.BatchNorm2d,
         impl: str = "fused",
-        memory: str = "default",
+        memory: str = "auto",
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
         **rga_kw: Any,
@@ -160,7 +161,10 @@ class APNetS(ImplSwitch, MemorySwitch, nn.Module):
                 x = stripe_loop(x, level)
                 continue
             branches = [agent.branch("spatial") for agent in level]
-            x = stripes_fused(x, branches, lean=self._lean and lean_applies(branches, x.shape[0]))
+            n = (x.shape[2] // len(level)) * x.shape[3]  # positions of a stripe
+            elements = x.shape[0] * len(level) * level[0].widths["spatial"].tokens * n
+            lean = self._wants_lean(elements) and lean_applies(branches, x.shape[0])
+            x = stripes_fused(x, branches, lean=lean)
         return x
 
     def extra_repr(self) -> str:

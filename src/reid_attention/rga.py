@@ -122,10 +122,11 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
             ``nn.SyncBatchNorm.convert_sync_batchnorm`` and swapped norms take effect.
         impl: ``"fused"`` (default, never builds the relation matrix) or ``"reference"``
             (the official computation); settable on a built module.
-        memory: ``"default"`` or ``"lean"`` (fused path: of each axis only the projection GEMM
-            output and small results are kept for backward, the rest is recomputed there and
-            the relation embedding is never held whole; exact BatchNorms only, see
-            :class:`reid_attention._switches.MemorySwitch`); settable. In either mode the fused
+        memory: ``"auto"`` (default), ``"full"`` or ``"lean"`` (fused path: of each axis only the
+            projection GEMM output and small results are kept for backward, the rest is
+            recomputed there and the relation embedding is never held whole; exact BatchNorms
+            only); ``"auto"`` takes the lean form for calls with a large relation embedding (see
+            :class:`reid_attention._switches.MemorySwitch`); settable. In every mode the fused
             RGA-SC keeps no copy of the spatially gated map for backward (it is recomputed
             from the input and the gate).
         device, dtype: torch's factory keywords for the parameters and buffers.
@@ -147,7 +148,7 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
         min_width: int = 1,
         norm_layer: NormLayer = nn.BatchNorm2d,
         impl: str = "fused",
-        memory: str = "default",
+        memory: str = "auto",
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -232,16 +233,20 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
         """The path of this call on ``x``, chosen here and nowhere else.
 
         ``impl="reference"``: every axis on the reference path. ``impl="fused"``: every axis on
-        the fused path, in its memory-lean form where ``memory="lean"`` and the form applies to
+        the fused path, in its memory-lean form where ``memory`` asks for it (``"lean"``, or
+        ``"auto"`` for a large relation embedding: batch x n/s x n values) and the form applies to
         that axis (:func:`reid_attention._relation.lean_applies`: gradient recorded, non-empty
         batch, exact BatchNorms and plain ReLUs); and RGA-SC takes its training route whenever
         a gradient is recorded.
         """
         if self._impl == "reference":
             return Route(dict.fromkeys(self.widths, "reference"), sc_training=False)
+        n = {"spatial": x.shape[2] * x.shape[3], "channel": x.shape[1]}  # an axis's positions
         paths = {
-            axis: "fused-lean" if self._lean and lean_applies([self.branch(axis)], x.shape[0]) else "fused"
-            for axis in self.widths
+            axis: "fused-lean"
+            if self._wants_lean(x.shape[0] * widths.tokens * n[axis])  # batch x n/s x n
+            and lean_applies([self.branch(axis)], x.shape[0]) else "fused"
+            for axis, widths in self.widths.items()
         }
         return Route(paths, sc_training=self.spatial and self.channel and torch.is_grad_enabled())
 

@@ -149,8 +149,9 @@ def build_parser() -> BenchParser:
                         help="'paper' (every paper site), 'first' (the first), 'default' (the default run's) "
                              "or explicit sites C:HxW,... (e.g. 256:64x32)")
     layers.add_argument("--impl", type=impls, default=",".join(IMPLS), help="comma-separated impls")
-    layers.add_argument("--memory", type=one_of(MEMORY_MODES, "memory mode", many=True), default="default",
-                        help="comma-separated memory modes of the fused RGA / APNet-S rows (default, lean); "
+    layers.add_argument("--memory", type=one_of(MEMORY_MODES, "memory mode", many=True), default="auto",
+                        help="comma-separated memory modes of the fused RGA / APNet-S rows (auto, full, "
+                             "lean); "
                              "other rows run once")
     layers.add_argument("--compile", action="store_true", help="torch.compile the layer first")
     _add_common(layers, batch=8, memory_batch=None)
@@ -164,8 +165,9 @@ def build_parser() -> BenchParser:
     net.add_argument("--attention", type=one_of(list_attentions(), "attention kind"), default="rga_sc",
                      help=f"one of {', '.join(list_attentions())}")
     net.add_argument("--impl", type=one_of(IMPLS, "impl"), default="fused", help="the attention's impl")
-    net.add_argument("--memory", type=one_of(MEMORY_MODES, "memory mode"), default="default",
-                     help="RGA / APNet-S memory mode: 'lean' recomputes the relation embedding in backward")
+    net.add_argument("--memory", type=one_of(MEMORY_MODES, "memory mode"), default="auto",
+                     help="RGA / APNet-S memory mode: 'lean' recomputes the relation embedding in backward, "
+                          "'full' keeps it, 'auto' chooses per call from its size")
     net.add_argument("--input-size", type=parse_size, default="256x128", help="input HxW")
     net.add_argument("--last-stride", type=int, choices=(0, 1, 2), default=1,
                      help="ResNet last stride; 0 leaves the backbone as it is (needed for non-ResNets)")

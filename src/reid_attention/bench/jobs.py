@@ -70,7 +70,7 @@ def layer_cases(args: argparse.Namespace) -> list[tuple[str, int, tuple[int, int
     does not apply (other kinds, the reference impl) or only the default mode was asked for."""
     cases = []
     for kind in args.kind:
-        modes = args.memory if args.memory != ["default"] and _has_memory_modes(kind) else [None]
+        modes = args.memory if args.memory != ["auto"] and _has_memory_modes(kind) else [None]
         for c, fs in _sites_of(kind, args.sites):
             for impl in args.impl:
                 cases += [(kind, c, fs, impl, m) for m in (modes if impl == "fused" else [None])]
@@ -106,7 +106,7 @@ def network_specs(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     for attention in (None, args.attention):
         spec = network_spec(args.backbone, attention, args.input_size, batch=args.batch, impl=args.impl,
                             last_stride=args.last_stride or None, sites=args.sites, **_common(args))
-        if attention and getattr(args, "memory", "default") != "default":
+        if attention and getattr(args, "memory", "auto") != "auto":
             spec["kwargs"]["memory"] = args.memory
         specs.append((args.backbone + (f" + {attention}" if attention else ""), spec))
     return specs
@@ -250,11 +250,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {"environment": env, "records": records, "tables": [(records, SWEEP_COLUMNS)]}
     # default: every kind at one paper site (DEFAULT_SITES), then the ResNet-50 + RGA-SC overhead in
     # training and in inference (CPU-sized: batches 1 and 8; `bench network --mode eval` defaults to 1 and 64)
-    ns = dict(vars(args), kind=list_attentions(), sites="default", impl=list(IMPLS), memory=["default"],
+    ns = dict(vars(args), kind=list_attentions(), sites="default", impl=list(IMPLS), memory=["auto"],
               compile=False)
     layer_records = run_jobs(layer_jobs(argparse.Namespace(**ns)), args.quiet)
     ns.update(backbone="resnet50", attention="rga_sc", impl="fused", input_size=(256, 128), last_stride=1,
-              memory="default", memory_batch=0, sites=["layer1", "layer2", "layer3", "layer4"],
+              memory="auto", memory_batch=0, sites=["layer1", "layer2", "layer3", "layer4"],
               eval_batches=(1, 8), runtimes=available_runtimes(), max_spread=MAX_SPREAD,
               max_rounds=DEFAULT_MAX_ROUNDS)
     net_args = argparse.Namespace(**ns)
