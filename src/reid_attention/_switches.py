@@ -94,7 +94,9 @@ class MemorySwitch:
 
     def _wants_lean(self, embedding_elements: int) -> bool:
         """Whether a call whose relation embedding holds ``embedding_elements`` values takes the
-        lean form (where it applies: :func:`reid_attention._relation.lean_applies`)."""
+        lean form (where it applies: :func:`reid_attention._relation.lean_applies`). Under
+        ``"auto"`` a symbolic size (``torch.export`` or ``torch.compile`` with a dynamic batch)
+        takes the full form: comparing it would tie the traced program to one side of the line."""
         if self._memory == "auto":
-            return embedding_elements >= AUTO_LEAN_ELEMENTS
+            return isinstance(embedding_elements, int) and embedding_elements >= AUTO_LEAN_ELEMENTS
         return self._memory == "lean"

@@ -163,7 +163,7 @@ class APNetS(ImplSwitch, MemorySwitch, nn.Module):
             branches = [agent.branch("spatial") for agent in level]
             n = (x.shape[2] // len(level)) * x.shape[3]  # positions of a stripe
             elements = x.shape[0] * len(level) * level[0].widths["spatial"].tokens * n
-            lean = self._wants_lean(elements) and lean_applies(branches, x.shape[0])
+            lean = lean_applies(branches, x.shape[0]) and self._wants_lean(elements)  # (see RGA._route)
             x = stripes_fused(x, branches, lean=lean)
         return x
 

@@ -242,10 +242,12 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
         if self._impl == "reference":
             return Route(dict.fromkeys(self.widths, "reference"), sc_training=False)
         n = {"spatial": x.shape[2] * x.shape[3], "channel": x.shape[1]}  # an axis's positions
+        # lean_applies first: without a gradient (inference, torch.export) the batch size is not
+        # compared with anything, so a dynamic batch stays dynamic
         paths = {
             axis: "fused-lean"
-            if self._wants_lean(x.shape[0] * widths.tokens * n[axis])  # batch x n/s x n
-            and lean_applies([self.branch(axis)], x.shape[0]) else "fused"
+            if lean_applies([self.branch(axis)], x.shape[0])
+            and self._wants_lean(x.shape[0] * widths.tokens * n[axis]) else "fused"  # batch x n/s x n
             for axis, widths in self.widths.items()
         }
         return Route(paths, sc_training=self.spatial and self.channel and torch.is_grad_enabled())
