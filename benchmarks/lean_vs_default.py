@@ -23,7 +23,7 @@ import torch
 
 from reid_attention.bench.measure import peak_memory
 from reid_attention.bench.network import paired_step
-from reid_attention.bench.paired import rounds_options
+from reid_attention.bench.paired import MAX_ROUNDS, rounds_options
 from reid_attention.bench.report import environment, publish
 from reid_attention.bench.suites import PAPER_SITES, layer_spec
 
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,8,32", help="comma-separated batches (default 1,8,32)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--max-rounds", type=int, default=30)
+    p.add_argument("--max-rounds", type=int, default=MAX_ROUNDS)
     p.add_argument("--quick", action="store_true", help="smoke run: two small sites, batch 2, 2 rounds")
     p.add_argument("--out", type=pathlib.Path, default=None)
     args = p.parse_args(argv)

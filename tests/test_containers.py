@@ -20,6 +20,7 @@ import pickle
 import pytest
 import torch
 import torchvision.models as tvm
+from insertion_checks import FAMILIES as INSERT_FAMILIES
 from insertion_checks import inserted
 from real_models import REAL
 from torch import nn
@@ -30,24 +31,10 @@ import reid_attention as ra
 from reid_attention._swapped import AttentionSequential
 from reid_attention.insert import fx_leaf_modules
 
-NO_INIT = {"init_weights": False}
-# family: (builder, kwargs, input size), as in test_insert.py's FAMILIES
+# test_insert.py's families; the Inception models' auxiliary heads (a tuple in training mode) off
 FAMILIES = {
-    "resnet50": (tvm.resnet50, {}, (256, 128)),
-    "resnext50": (tvm.resnext50_32x4d, {}, (256, 128)),
-    "mobilenet_v2": (tvm.mobilenet_v2, {}, (224, 224)),
-    "mobilenet_v3": (tvm.mobilenet_v3_small, {}, (224, 224)),
-    "efficientnet_b0": (tvm.efficientnet_b0, {}, (224, 224)),
-    "efficientnet_v2": (tvm.efficientnet_v2_s, {}, (224, 224)),
-    "convnext": (tvm.convnext_tiny, {}, (224, 224)),
-    "regnet": (tvm.regnet_y_400mf, {}, (224, 224)),
-    "densenet": (tvm.densenet121, {}, (224, 224)),
-    "vgg": (tvm.vgg11, {}, (224, 224)),
-    "shufflenet": (tvm.shufflenet_v2_x0_5, {}, (224, 224)),
-    "mnasnet": (tvm.mnasnet0_5, {}, (224, 224)),
-    "googlenet": (tvm.googlenet, {**NO_INIT, "aux_logits": False}, (224, 224)),
-    "inception": (tvm.inception_v3, {**NO_INIT, "aux_logits": False}, (299, 299)),
-    "swin": (tvm.swin_t, {}, (224, 224)),
+    name: (builder, {**kwargs, "aux_logits": False} if name in ("googlenet", "inception") else kwargs, size)
+    for name, (builder, kwargs, size, _) in INSERT_FAMILIES.items()
 }
 
 

@@ -14,7 +14,7 @@ import pickle
 import pytest
 import torch
 import torchvision.models as tvm
-from insertion_checks import KINDS, SIZES, check_default_insertion, check_real_step
+from insertion_checks import FAMILIES, KINDS, SIZES, check_default_insertion, check_real_step
 from real_models import REAL
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
@@ -39,58 +39,6 @@ def build(builder, *, meta: bool = True, **kwargs) -> nn.Module:
     return builder(weights=None, **kwargs).eval()
 
 
-NO_INIT = {"init_weights": False}  # silences GoogLeNet / Inception's slow-init warning
-
-# family: (builder, kwargs, input size, [(stage end, channels, reduction, layout)])
-FAMILIES = {
-    "resnet50": (tvm.resnet50, {}, (256, 128), [
-        ("relu", 64, 2, "NCHW"), ("layer1", 256, 4, "NCHW"), ("layer2", 512, 8, "NCHW"),
-        ("layer3", 1024, 16, "NCHW"), ("layer4", 2048, 32, "NCHW")]),
-    "resnext50": (tvm.resnext50_32x4d, {}, (256, 128), [
-        ("relu", 64, 2, "NCHW"), ("layer1", 256, 4, "NCHW"), ("layer2", 512, 8, "NCHW"),
-        ("layer3", 1024, 16, "NCHW"), ("layer4", 2048, 32, "NCHW")]),
-    "mobilenet_v2": (tvm.mobilenet_v2, {}, (224, 224), [
-        ("features.1", 16, 2, "NCHW"), ("features.3", 24, 4, "NCHW"), ("features.6", 32, 8, "NCHW"),
-        ("features.13", 96, 16, "NCHW"), ("features.18", 1280, 32, "NCHW")]),
-    "mobilenet_v3": (tvm.mobilenet_v3_small, {}, (224, 224), [
-        ("features.0", 16, 2, "NCHW"), ("features.1", 16, 4, "NCHW"), ("features.3", 24, 8, "NCHW"),
-        ("features.8", 48, 16, "NCHW"), ("features.12", 576, 32, "NCHW")]),
-    "efficientnet_b0": (tvm.efficientnet_b0, {}, (224, 224), [
-        ("features.1", 16, 2, "NCHW"), ("features.2", 24, 4, "NCHW"), ("features.3", 40, 8, "NCHW"),
-        ("features.5", 112, 16, "NCHW"), ("features.8", 1280, 32, "NCHW")]),
-    "efficientnet_v2": (tvm.efficientnet_v2_s, {}, (224, 224), [
-        ("features.1", 24, 2, "NCHW"), ("features.2", 48, 4, "NCHW"), ("features.3", 64, 8, "NCHW"),
-        ("features.5", 160, 16, "NCHW"), ("features.7", 1280, 32, "NCHW")]),
-    "convnext": (tvm.convnext_tiny, {}, (224, 224), [
-        ("features.1", 96, 4, "NCHW"), ("features.3", 192, 8, "NCHW"), ("features.5", 384, 16, "NCHW"),
-        ("features.7", 768, 32, "NCHW")]),
-    "regnet": (tvm.regnet_y_400mf, {}, (224, 224), [
-        ("stem", 32, 2, "NCHW"), ("trunk_output.block1", 48, 4, "NCHW"),
-        ("trunk_output.block2", 104, 8, "NCHW"), ("trunk_output.block3", 208, 16, "NCHW"),
-        ("trunk_output.block4", 440, 32, "NCHW")]),
-    "densenet": (tvm.densenet121, {}, (224, 224), [
-        ("features.relu0", 64, 2, "NCHW"), ("features.denseblock1", 256, 4, "NCHW"),
-        ("features.denseblock2", 512, 8, "NCHW"), ("features.denseblock3", 1024, 16, "NCHW"),
-        ("features.norm5", 1024, 32, "NCHW")]),
-    "vgg": (tvm.vgg11, {}, (224, 224), [
-        ("features.1", 64, 1, "NCHW"), ("features.4", 128, 2, "NCHW"), ("features.9", 256, 4, "NCHW"),
-        ("features.14", 512, 8, "NCHW"), ("features.19", 512, 16, "NCHW"), ("features.20", 512, 32, "NCHW")]),
-    "shufflenet": (tvm.shufflenet_v2_x0_5, {}, (224, 224), [
-        ("conv1", 24, 2, "NCHW"), ("maxpool", 24, 4, "NCHW"), ("stage2", 48, 8, "NCHW"),
-        ("stage3", 96, 16, "NCHW"), ("conv5", 1024, 32, "NCHW")]),
-    "mnasnet": (tvm.mnasnet0_5, {}, (224, 224), [
-        ("layers.7", 8, 2, "NCHW"), ("layers.8", 16, 4, "NCHW"), ("layers.9", 24, 8, "NCHW"),
-        ("layers.11", 48, 16, "NCHW"), ("layers.16", 1280, 32, "NCHW")]),
-    "googlenet": (tvm.googlenet, NO_INIT, (224, 224), [
-        ("conv1", 64, 2, "NCHW"), ("conv3", 192, 4, "NCHW"), ("inception3b", 480, 8, "NCHW"),
-        ("inception4e", 832, 16, "NCHW"), ("inception5b", 1024, 32, "NCHW")]),
-    "inception": (tvm.inception_v3, NO_INIT, (299, 299), [
-        ("Conv2d_2b_3x3", 64, 2, "NCHW"), ("Conv2d_4a_3x3", 192, 4, "NCHW"), ("Mixed_5d", 288, 8, "NCHW"),
-        ("Mixed_6e", 768, 16, "NCHW"), ("Mixed_7c", 2048, 32, "NCHW")]),
-    "swin": (tvm.swin_t, {}, (224, 224), [
-        ("features.1", 96, 4, "NHWC"), ("features.3", 192, 8, "NHWC"), ("features.5", 384, 16, "NHWC"),
-        ("permute", 768, 32, "NCHW")]),
-}
 
 
 class Scale(nn.Module):

@@ -93,10 +93,10 @@ def _buffers(norms: Sequence[_BatchNorm], name: str) -> list[Tensor]:
 
 
 def _cat(norms: Sequence[_BatchNorm], name: str, dtype: torch.dtype) -> Tensor | None:
-    tensors: list[Tensor | None] = [getattr(m, name) for m in norms]
-    if tensors[0] is None:
+    first: Tensor | None = getattr(norms[0], name)  # None for all or none (one_kernel)
+    if first is None:
         return None
-    return (tensors[0] if len(tensors) == 1 else torch.cat(_buffers(norms, name))).to(dtype)
+    return (first if len(norms) == 1 else torch.cat(_buffers(norms, name))).to(dtype)
 
 
 def _dtype_of(m: nn.Module, default: torch.dtype) -> torch.dtype:

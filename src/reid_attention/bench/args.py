@@ -33,8 +33,8 @@ from .argtypes import (
 )
 from .jobs import layer_cases, sweep_cases
 from .measure import MALLOC_MODES, STEPS
-from .network import DEFAULT_EVAL_BATCHES, DEFAULT_MAX_ROUNDS, RUNTIMES
-from .paired import MAX_SPREAD
+from .network import DEFAULT_EVAL_BATCHES, RUNTIMES
+from .paired import MAX_ROUNDS, MAX_SPREAD
 from .report import FORMATS
 from .suites import network
 
@@ -185,7 +185,7 @@ def build_parser() -> BenchParser:
                           "checked against torch's)")
     net.add_argument("--max-spread", type=spread, default=MAX_SPREAD,
                      help="largest spread (IQR / median) of the per-round ratios to report time_x")
-    net.add_argument("--max-rounds", type=positive_int, default=DEFAULT_MAX_ROUNDS,
+    net.add_argument("--max-rounds", type=positive_int, default=MAX_ROUNDS,
                      help="alternating rounds at most before a ratio is reported unreliable")
     _add_common(net, batch=8, memory_batch=32)
 

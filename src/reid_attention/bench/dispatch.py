@@ -36,7 +36,6 @@ class DispatchCounter(TorchDispatchMode):
         super().__init__()  # type: ignore[no-untyped-call]  # torch's TorchDispatchMode.__init__
         self.kernels = 0
         self.moved = 0
-        self.ops: dict[str, int] = {}
 
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
@@ -46,7 +45,6 @@ class DispatchCounter(TorchDispatchMode):
         if not func.is_view and not name.startswith("empty"):
             self.kernels += 1
             self.moved += _nbytes((args, kwargs)) + _nbytes(out)
-            self.ops[name] = self.ops.get(name, 0) + 1
         return out
 
 

@@ -17,8 +17,8 @@ import torch
 from .._switches import IMPLS, MemorySwitch
 from ..registry import create_attention, list_attentions, needs_feat_size
 from .measure import set_malloc
-from .network import DEFAULT_MAX_ROUNDS, available_runtimes, eval_rows, paired_step
-from .paired import MAX_SPREAD, PairedRatio, rounds_options
+from .network import available_runtimes, eval_rows, paired_step
+from .paired import MAX_ROUNDS, MAX_SPREAD, PairedRatio, rounds_options
 from .render import EVAL_COLUMNS, LAYER_COLUMNS, NETWORK_COLUMNS, SWEEP_COLUMNS
 from .report import environment
 from .suites import PAPER_SITES, layer_spec, measure, measure_layer, network_spec
@@ -134,18 +134,16 @@ def network_jobs(args: argparse.Namespace) -> list[Job]:
 
 
 def network_eval_jobs(args: argparse.Namespace) -> list[Job]:
-    """Eval-mode rows (:func:`.network.eval_rows`), one job per runtime."""
+    """Eval-mode rows (:func:`.network.eval_rows`): one job, the models built and their FLOPs
+    counted once for every runtime."""
     specs = network_specs(args)
-    jobs: list[Job] = []
-    for runtime in args.runtimes:
 
-        def job(r: str = runtime) -> dict[str, Any]:
-            return {"rows": eval_rows([s for _, s in specs], [n for n, _ in specs], batches=args.eval_batches,
-                                      runtimes=[r], threads=args.threads,
-                                      **rounds_options(args.max_rounds, args.max_spread))}
+    def job() -> dict[str, Any]:
+        return {"rows": eval_rows([s for _, s in specs], [n for n, _ in specs], batches=args.eval_batches,
+                                  runtimes=args.runtimes, threads=args.threads,
+                                  **rounds_options(args.max_rounds, args.max_spread))}
 
-        jobs.append((f"eval forward, {runtime}", job))
-    return jobs
+    return [(f"eval forward, {', '.join(args.runtimes)}", job)]
 
 
 def sweep_jobs(args: argparse.Namespace) -> list[Job]:
@@ -256,7 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ns.update(backbone="resnet50", attention="rga_sc", impl="fused", input_size=(256, 128), last_stride=1,
               memory="auto", memory_batch=0, sites=["layer1", "layer2", "layer3", "layer4"],
               eval_batches=(1, 8), runtimes=available_runtimes(), max_spread=MAX_SPREAD,
-              max_rounds=DEFAULT_MAX_ROUNDS)
+              max_rounds=MAX_ROUNDS)
     net_args = argparse.Namespace(**ns)
     net_records = with_overhead(run_jobs(network_jobs(net_args), args.quiet))
     eval_records = [row for r in run_jobs(network_eval_jobs(net_args), args.quiet) for row in r["rows"]]

@@ -18,12 +18,10 @@ from .._extras import require
 from .measure import build_from_spec, count_flops, train_step
 from .paired import PairedRatio, paired_ratio
 
-__all__ = ["DEFAULT_EVAL_BATCHES", "DEFAULT_MAX_ROUNDS", "RUNTIMES", "available_runtimes", "eval_rows",
-           "paired_step"]
+__all__ = ["DEFAULT_EVAL_BATCHES", "RUNTIMES", "available_runtimes", "eval_rows", "paired_step"]
 
 RUNTIMES = ("torch", "onnxruntime")
 DEFAULT_EVAL_BATCHES = (1, 64)  # per-query latency, gallery throughput
-DEFAULT_MAX_ROUNDS = 30
 Forward = Callable[[Tensor], Any]
 
 

@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["MAX_SPREAD", "MIN_ROUNDS", "PairedRatio", "paired_ratio", "rounds_options"]
+__all__ = ["MAX_ROUNDS", "MAX_SPREAD", "MIN_ROUNDS", "PairedRatio", "paired_ratio", "rounds_options"]
 
 MAX_SPREAD = 0.05  # IQR of the per-round ratios / their median: 5%
 MIN_ROUNDS = 6
+MAX_ROUNDS = 30
 
 
 @dataclass(frozen=True)
@@ -46,15 +47,6 @@ class PairedRatio:
         return {prefix: self.ratio, f"{prefix}_spread": self.spread, f"{prefix}_rounds": self.rounds}
 
 
-def _calls_per_block(fn: Callable[[], Any], block_time: float, sync: Callable[[], None]) -> int:
-    """How many calls of ``fn`` (warm) last ``block_time`` seconds, at least one."""
-    start = time.perf_counter()
-    fn()
-    sync()
-    once = time.perf_counter() - start
-    return max(1, round(block_time / max(once, 1e-9)))
-
-
 def _block(fn: Callable[[], Any], calls: int, sync: Callable[[], None]) -> float:
     """Seconds per call over ``calls`` calls."""
     start = time.perf_counter()
@@ -62,6 +54,11 @@ def _block(fn: Callable[[], Any], calls: int, sync: Callable[[], None]) -> float
         fn()
     sync()
     return (time.perf_counter() - start) / calls
+
+
+def _calls_per_block(fn: Callable[[], Any], block_time: float, sync: Callable[[], None]) -> int:
+    """How many calls of ``fn`` (warm) last ``block_time`` seconds, at least one."""
+    return max(1, round(block_time / max(_block(fn, 1, sync), 1e-9)))
 
 
 def spread_of(ratios: list[float]) -> float:
@@ -84,7 +81,7 @@ def paired_ratio(
     *,
     block_time: float = 0.2,
     min_rounds: int = MIN_ROUNDS,
-    max_rounds: int = 30,
+    max_rounds: int = MAX_ROUNDS,
     max_spread: float = MAX_SPREAD,
     device: str = "cpu",
 ) -> PairedRatio:
