@@ -37,6 +37,7 @@ step layer1_vs_official $PY -m reid_attention bench layers --threads 2 --kind rg
     --memory-batch 32 --memory full,lean --format json --out $R/layer1_rga_sc_vs_official_cpu.json --quiet
 step sweep $PY -m reid_attention bench sweep --threads 2 --kind rga_s --batch 16 --format json \
     --out $R/sweep_rga_s_cpu.json --plot $R/sweep_rga_s_cpu.png --quiet
+step projection_gemm $PY benchmarks/projection_gemm.py --threads 2
 step inference_fold $PY benchmarks/inference_fold.py --threads 2
 
 if ((${#failed[@]})); then

@@ -679,3 +679,10 @@ def test_lean_vs_default_quick_run(tmp_path):
     assert [r["kind"] for r in records] == ["rga_sc", "apnet_s"]
     for r in records:
         assert r["time_x_rounds"] == 2 and r["default_mib"] > 0 and r["lean_mib"] > 0
+
+
+def test_projection_gemm_quick_run(tmp_path):
+    """The script checks that the conv and the linear compute the same projection, then times them."""
+    records = _run_script("projection_gemm.py", tmp_path)
+    assert [(r["site"], r["axis"]) for r in records] == [("32:16x8", "channel")]
+    assert records[0]["linear_x_rounds"] == 2 and records[0]["conv_ms"] > 0 and records[0]["linear_ms"] > 0

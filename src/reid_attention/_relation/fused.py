@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv2d_input, conv2d_weight
 
 from .._norm import norm_channels
 from .._precision import compute_dtype, no_autocast
@@ -52,25 +53,35 @@ def stacked_weights(convs: Sequence[nn.Module], dtype: torch.dtype) -> Tensor:
 # ------------------------------------------------------------------------------ steps 1 and 4
 
 
+def conv_1x1(tokens: Tensor, weight: Tensor) -> Tensor:
+    """A 1x1 projection of tokens (B, d, n) by weight (O, d) -> (B, O, n), as a 1x1 conv over the
+    view (B, d, 1, n), in the tokens' layout: feature-major tokens (n contiguous) are an NCHW map,
+    token-major ones (d contiguous: the channel axis of an NCHW map, the spatial axis of a
+    channels_last one) a channels_last map, so no layout copies the input.
+
+    A convolution, not a ``linear``: the same sums, and on CPU the convolution library (oneDNN)
+    runs the forward and the backward at the speed of the backbone's own convs, where the BLAS
+    behind ``linear`` may not (AMD EPYC: a training step's projection 2x slower as a ``linear``;
+    ``benchmarks/projection_gemm.py``).
+    """
+    return F.conv2d(tokens.unsqueeze(2), weight[:, :, None, None]).squeeze(2)
+
+
 def _project(weight: Tensor, tokens: Tensor) -> Tensor:
     """1x1 projections of stacked agents: weight (G, O, d) x tokens (B, G, d, n) -> (B, G, O, n).
 
     The weight gradient is always one GEMM over the whole batch: a broadcast ``matmul`` would
-    materialise it per sample (B x O x d) before reducing. One agent: a linear over the folded
-    batch when the tokens are stored token-major (the channel axis of an NCHW map, the spatial
-    axis of a channels_last one), else a 1x1 conv; neither copies the input. Several agents
-    (APNet-S stripes): the (batch, agent) pairs of a stripe view share no single stride, so the
-    tokens are gathered once into (G, d, B*n) and one GEMM per agent, batched over agents, covers
-    the whole batch; the result is a permuted view.
+    materialise it per sample (B x O x d) before reducing. One agent: :func:`conv_1x1`, which
+    copies no input. Several agents (APNet-S stripes): the (batch, agent)
+    pairs of a stripe view share no single stride, so the tokens are gathered once into
+    (G, d, B*n) and one GEMM per agent, batched over agents, covers the whole batch; the result
+    is a permuted view.
     """
     batch, groups, d, n = tokens.shape
     if groups > 1:
         out = torch.bmm(weight, tokens.permute(1, 2, 0, 3).reshape(groups, d, batch * n))
         return out.view(groups, weight.shape[1], batch, n).permute(2, 0, 1, 3)
-    t = tokens[:, 0]
-    if t.stride(1) == 1 and t.transpose(1, 2).is_contiguous():
-        return F.linear(t.transpose(1, 2), weight[0]).transpose(1, 2).unsqueeze(1)
-    return F.conv1d(t, weight[0].unsqueeze(-1)).unsqueeze(1)
+    return conv_1x1(tokens[:, 0], weight[0]).unsqueeze(1)
 
 
 def projection_parts(branches: Sequence[RelationBranch]) -> list[CBRParts]:
@@ -111,7 +122,7 @@ def activated_projections(
 def folded_rows(theta_phi: Tensor) -> Tensor:
     """(B, G, 2, d', n) -> (2G, B*d', n): per agent phi then theta, the batch folded into rows."""
     batch, groups, _, d_inner, n = theta_phi.shape
-    return theta_phi.permute(1, 2, 0, 3, 4)[:, [1, 0]].reshape(groups * 2, batch * d_inner, n)
+    return theta_phi.permute(1, 2, 0, 3, 4).flip(1).reshape(groups * 2, batch * d_inner, n)
 
 
 def weight_halves(w_gg: Tensor) -> Tensor:
@@ -194,9 +205,9 @@ class GatedChannelProjection(torch.autograd.Function):
     keeping x and s1 for backward instead of y1 (a full map): y1 is recomputed there.
 
     Token c is channel c of y1 (H*W features), so the projection is y1 (B, C, H*W) @ weight^T
-    -> (B, 3d', C), returned as :func:`projections` does, (B, 1, 3d', C); the GEMM runs in
-    ``dtype`` (autocast's, as on the plain path). y1 is returned too, without a gradient, for
-    :class:`DoubleGate` to reuse.
+    -> (B, 3d', C), a :func:`conv_1x1` of the tokens, returned as :func:`projections` does,
+    (B, 1, 3d', C); the GEMM runs in ``dtype`` (autocast's, as on the plain path). y1 is
+    returned too, without a gradient, for :class:`DoubleGate` to reuse.
     """
 
     @staticmethod
@@ -206,21 +217,29 @@ class GatedChannelProjection(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # y1 gets no gradient: no map of zeros for it
         y1 = x * s1
         ctx.mark_non_differentiable(y1)
-        proj = torch.matmul(y1.flatten(2).to(dtype), weight.to(dtype).t())
-        return proj.transpose(1, 2).unsqueeze(1), y1
+        proj = conv_1x1(y1.flatten(2).transpose(1, 2).to(dtype), weight.to(dtype))
+        return proj.unsqueeze(1), y1
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor | None, _: object) -> tuple[Tensor | None, ...]:
         if grad is None:  # the projection is unused
             return None, None, None, None
         x, s1, weight = ctx.saved_tensors
-        grad = grad.squeeze(1).transpose(1, 2).to(ctx.dtype)  # (B, C, 3d')
-        y1 = (x * s1).flatten(2).to(ctx.dtype)
-        grad_weight = grad.reshape(-1, grad.shape[2]).t().mm(y1.reshape(-1, y1.shape[2]))
-        del y1  # backward's transients stay at two maps
-        grad_y1 = torch.matmul(grad, weight.to(ctx.dtype)).view_as(x).to(x.dtype)
+        # the backward of the forward's conv_1x1, one gradient at a time so that backward's
+        # transients stay at two maps (y1 is freed before grad_y1 exists)
+        y1 = (x * s1).flatten(2).to(ctx.dtype).transpose(1, 2).unsqueeze(2)  # the conv's input
+        channels_last = y1.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        # laid out as the conv's output was (it is small: 3d' x C per sample)
+        grad = grad.squeeze(1).unsqueeze(2).to(ctx.dtype).contiguous(memory_format=layout)
+        w = weight.to(ctx.dtype)[:, :, None, None]
+        grad_weight = conv2d_weight(y1, w.shape, grad)
+        shape = y1.shape
+        del y1
+        grad_y1 = conv2d_input(shape, w, grad).squeeze(2).transpose(1, 2).reshape(x.shape)
+        grad_y1 = grad_y1.to(x.dtype)
         grad_s1 = (grad_y1 * x).sum(1, keepdim=True)
-        return grad_y1.mul_(s1), grad_s1, grad_weight.to(weight.dtype), None
+        return grad_y1.mul_(s1), grad_s1, grad_weight.view_as(weight).to(weight.dtype), None
 
 
 class DoubleGate(torch.autograd.Function):
