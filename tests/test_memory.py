@@ -133,17 +133,23 @@ def test_rga_sc_keeps_no_gated_map_for_backward(memory, channels_last):
     assert full == []
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_rga_sc_gated_functions_gradcheck(channels_last):
-    """The two autograd Functions behind the unstored gated map, checked numerically."""
-    from reid_attention._relation import DoubleGate, GatedChannelProjection
+def test_rga_sc_gated_functions_gradcheck(channels_last, chunked, monkeypatch):
+    """The two autograd Functions behind the unstored gated map, checked numerically; ``chunked``:
+    the projection's backward one sample per chunk (at the paper's sites a chunk is 8 samples of
+    layer 1, so the suite's small maps would otherwise never take more than one)."""
+    from reid_attention._relation import DoubleGate, GatedChannelProjection, fused
+
+    if chunked:
+        monkeypatch.setattr(fused, "GATED_CHUNK_ELEMENTS", 1)
 
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    x = torch.rand(3, 3, 4, 5, generator=g, dtype=torch.float64)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    s1 = torch.rand(2, 1, 4, 5, generator=g, dtype=torch.float64)
-    s2 = torch.rand(2, 3, 1, 1, generator=g, dtype=torch.float64)
+    s1 = torch.rand(3, 1, 4, 5, generator=g, dtype=torch.float64)
+    s2 = torch.rand(3, 3, 1, 1, generator=g, dtype=torch.float64)
     w = torch.randn(6, 20, generator=g, dtype=torch.float64)
     for t in (x, s1, s2, w):
         t.requires_grad_()

@@ -41,6 +41,9 @@ from .modules import CBRParts, RelationBranch, WParts, activate, conv_weight
 
 # (theta_phi, branches, w1e) -> W1_E E (B, G, k, n): the embedding step of after_projections
 EmbeddingStep = Callable[[Tensor, Sequence[RelationBranch], Tensor], Tensor]
+# values of a map per chunk of GatedChannelProjection's backward (16 MiB in float32): at ResNet-50's
+# layer 1 (256 x 64 x 32) 8 samples, large enough for the conv library's full speed
+GATED_CHUNK_ELEMENTS = 1 << 22
 
 
 def stacked_weights(convs: Sequence[nn.Module], dtype: torch.dtype) -> Tensor:
@@ -48,6 +51,13 @@ def stacked_weights(convs: Sequence[nn.Module], dtype: torch.dtype) -> Tensor:
     weights = [conv_weight(c).flatten(1) for c in convs]
     stacked = weights[0].unsqueeze(0) if len(weights) == 1 else torch.stack(weights)
     return stacked.to(dtype)
+
+
+def batch_chunks(batch: int, per_sample: int, elements: int) -> list[slice]:
+    """Slices of the batch of about ``elements`` values each (at least one sample), for tensors of
+    ``per_sample`` values per sample."""
+    step = max(1, elements // max(1, per_sample))
+    return [slice(i, i + step) for i in range(0, batch, step)]
 
 
 # ------------------------------------------------------------------------------ steps 1 and 4
@@ -225,21 +235,26 @@ class GatedChannelProjection(torch.autograd.Function):
         if grad is None:  # the projection is unused
             return None, None, None, None
         x, s1, weight = ctx.saved_tensors
-        # the backward of the forward's conv_1x1, one gradient at a time so that backward's
-        # transients stay at two maps (y1 is freed before grad_y1 exists)
-        y1 = (x * s1).flatten(2).to(ctx.dtype).transpose(1, 2).unsqueeze(2)  # the conv's input
-        channels_last = y1.is_contiguous(memory_format=torch.channels_last)
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        # laid out as the conv's output was (it is small: 3d' x C per sample)
-        grad = grad.squeeze(1).unsqueeze(2).to(ctx.dtype).contiguous(memory_format=layout)
+        # the forward conv_1x1's backward, in batch chunks: y1 is recomputed per chunk and the conv
+        # library's transients (it reorders its operands) stay chunk-sized, so backward holds no
+        # map beyond the input gradient
+        grad = grad.squeeze(1).unsqueeze(2).to(ctx.dtype)  # (B, 3d', 1, C)
         w = weight.to(ctx.dtype)[:, :, None, None]
-        grad_weight = conv2d_weight(y1, w.shape, grad)
-        shape = y1.shape
-        del y1
-        grad_y1 = conv2d_input(shape, w, grad).squeeze(2).transpose(1, 2).reshape(x.shape)
-        grad_y1 = grad_y1.to(x.dtype)
-        grad_s1 = (grad_y1 * x).sum(1, keepdim=True)
-        return grad_y1.mul_(s1), grad_s1, grad_weight.view_as(weight).to(weight.dtype), None
+        # the weight gradient summed over the chunks in the weight's own dtype
+        grad_weight = torch.zeros_like(weight).view_as(w)
+        grad_x, grad_s1 = torch.empty_like(x), torch.empty_like(s1)
+        for rows in batch_chunks(x.shape[0], x.numel() // max(1, x.shape[0]), GATED_CHUNK_ELEMENTS):
+            y1 = (x[rows] * s1[rows]).flatten(2).to(ctx.dtype).transpose(1, 2).unsqueeze(2)  # conv input
+            # the gradient laid out as the conv's output was (small: 3d' x C per sample)
+            layout = torch.channels_last if y1.is_contiguous(memory_format=torch.channels_last) else None
+            g = grad[rows].contiguous(memory_format=layout or torch.contiguous_format)
+            grad_weight += conv2d_weight(y1, w.shape, g)
+            shape = y1.shape
+            del y1
+            grad_y1 = conv2d_input(shape, w, g).squeeze(2).transpose(1, 2).reshape(x[rows].shape).to(x.dtype)
+            grad_s1[rows] = (grad_y1 * x[rows]).sum(1, keepdim=True)
+            grad_x[rows] = grad_y1.mul_(s1[rows])
+        return grad_x, grad_s1, grad_weight.view_as(weight), None
 
 
 class DoubleGate(torch.autograd.Function):

@@ -49,7 +49,15 @@ from torch.utils.checkpoint import checkpoint
 
 from .._norm import affine_parameters, batch_statistics, is_plain, one_kernel
 from .._precision import compute_dtype, no_autocast
-from .fused import after_projections, factors, folded_rows, projection_parts, stacked_weights, weight_halves
+from .fused import (
+    after_projections,
+    batch_chunks,
+    factors,
+    folded_rows,
+    projection_parts,
+    stacked_weights,
+    weight_halves,
+)
 from .modules import RelationBranch
 
 if TYPE_CHECKING:
@@ -63,8 +71,7 @@ CHUNK_ELEMENTS = 1 << 20  # values of E per chunk (4 MiB in float32)
 
 
 def _chunks(batch: int, per_sample: int) -> list[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(1, per_sample))
-    return [slice(i, i + step) for i in range(0, batch, step)]
+    return batch_chunks(batch, per_sample, CHUNK_ELEMENTS)
 
 
 def _centred(tp: Tensor, mean: Tensor, rows: slice) -> Tensor:
