@@ -1,10 +1,13 @@
 """RGA-SC eval forward at the paper's four sites: unfolded vs ``fold_batchnorm_scales``.
 
-Median eval-mode forward time (``torch.no_grad``) at ``--batch`` (default 8) for each path, the
-folded module's time, their ratio, and the largest output difference between the two (float32).
+Eval-mode forward time (``torch.no_grad``) at ``--batch`` (default 8) of the module and of its
+folded copy, timed alternately (:func:`reid_attention.bench.paired.paired_ratio`: the speedup is
+the median per-round ratio, refused when its spread does not settle), and the largest output
+difference between the two (float32).
 It documents that folding the BatchNorm scales into the conv weights is exact and does not
 change the speed: the folded BatchNorm still runs as a shift, the same elementwise pass
-(committed CPU result: ratios 0.93 .. 1.24, noise around 1). The function was called
+(timed one after the other, an earlier version read 0.93 .. 1.24 and, once, 1.45: noise
+around 1, which the paired timing removes). The function was called
 ``fuse_for_inference`` before this measurement showed there is nothing to gain.
 
     python benchmarks/inference_fold.py                 # CPU, 2 threads -> results/inference_fold_cpu.json
@@ -21,39 +24,42 @@ import sys
 import torch
 
 import reid_attention as ra
-from reid_attention.bench.measure import time_callable
+from reid_attention.bench.paired import paired_ratio, rounds_options
 from reid_attention.bench.report import environment, publish
 from reid_attention.bench.suites import PAPER_SITES
 from reid_attention.inference import fold_batchnorm_scales
 
-COLUMNS = ["site", "impl", "unfolded_ms", "folded_ms", "speedup", "max_abs_diff"]
-HEADERS = {"unfolded_ms": "unfolded ms", "folded_ms": "folded ms", "max_abs_diff": "max |diff|"}
+COLUMNS = ["site", "impl", "unfolded_ms", "folded_ms", "speedup", "speedup_spread", "max_abs_diff"]
+HEADERS = {"unfolded_ms": "unfolded ms", "folded_ms": "folded ms", "speedup": "speedup (paired)",
+           "speedup_spread": "spread", "max_abs_diff": "max |diff|"}
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def measure_site(channels, feat_size, impl, *, batch, device, threads, min_run_time):
-    """One row: eval forward of RGA-SC unfolded and folded at one site."""
+def measure_site(channels, feat_size, impl, *, batch, device, options):
+    """One row: eval forward of RGA-SC unfolded and folded at one site, alternately."""
     module = ra.create_attention("rga_sc", channels, feat_size=feat_size, impl=impl).to(device).eval()
     folded = fold_batchnorm_scales(module)
     x = torch.randn(batch, channels, *feat_size, device=device)
 
-    def timed(m):
-        def forward():
+    def forward(m):
+        def run():
             with torch.no_grad():
                 m(x)
 
-        return time_callable(forward, min_run_time=min_run_time, threads=threads).median * 1e3
+        return run
 
     with torch.no_grad():
         diff = (folded(x) - module(x)).abs().max().item()
-    unfolded_ms, folded_ms = timed(module), timed(folded)
+    r = paired_ratio(forward(folded), forward(module), device=device, **options)
     return {
         "site": f"{channels}:{feat_size[0]}x{feat_size[1]}",
         "impl": impl,
-        "unfolded_ms": unfolded_ms,
-        "folded_ms": folded_ms,
-        "speedup": unfolded_ms / folded_ms,
+        "unfolded_ms": r.other_ms,
+        "folded_ms": r.base_ms,
+        "speedup": r.ratio,
+        "speedup_spread": r.spread,
         "max_abs_diff": diff,
+        "unreliable": [r.reason] if r.reason else [],
     }
 
 
@@ -63,14 +69,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--impl", choices=["fused", "reference", "both"], default="both")
-    p.add_argument("--min-run-time", type=float, default=1.0)
+    p.add_argument("--max-rounds", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="smoke run: one small site, batch 2")
     p.add_argument("--out", type=pathlib.Path, default=None)
     args = p.parse_args(argv)
 
     sites = PAPER_SITES["rga"]
     if args.quick:
-        sites, args.batch, args.min_run_time = [(64, (16, 8))], 2, 0.05
+        sites, args.batch, args.max_rounds = [(64, (16, 8))], 2, 2
     impls = ["reference", "fused"] if args.impl == "both" else [args.impl]
     torch.set_num_threads(args.threads)
     records = []
@@ -79,7 +85,7 @@ def main(argv=None) -> int:
             print(f"{channels}:{feat_size[0]}x{feat_size[1]} {impl}", file=sys.stderr, flush=True)
             records.append(
                 measure_site(channels, feat_size, impl, batch=args.batch, device=args.device,
-                             threads=args.threads, min_run_time=args.min_run_time)
+                             options=rounds_options(args.max_rounds))
             )
     env = environment(args.device, args.threads)
     env.update(batch=args.batch, mode="eval forward, torch.no_grad", kind="rga_sc")

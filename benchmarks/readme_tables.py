@@ -9,6 +9,11 @@ from __future__ import annotations
 import json
 import pathlib
 
+import inference_fold  # the scripts beside this one: their tables' columns
+import launch_counts
+import lean_vs_default
+import projection_gemm
+
 from reid_attention.bench.report import format_flagged
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -17,8 +22,11 @@ HEADERS = {"step_ms": "step ms", "gflops": "GFLOP fwd", "peak_mib": "peak MiB", 
            "memory_x": "memory x", "params_x": "params x", "gflops_x": "FLOP x",
            "time_per_flop_x": "time/FLOP x", "eval_ms": "eval fwd ms", "step_iqr_ms": "IQR ms",
            "time_x_iqr": "IQR of time x",
-           "time_x_over_floor": "time x / FLOP x", "time_x_spread": "spread", "kernels": "kernels/step",
+           "time_x_over_floor": "time x / FLOP x", "time_x_spread": "spread", "time_x_rounds": "rounds",
+           "kernels": "kernels/step",
            "moved_mib": "moved MiB", "parity": "vs torch", "runtime": "runtime"}
+NETWORK = ["model", "batch", "step_ms", "gflops", "params", "memory_batch", "peak_mib", "time_x",
+           "time_x_spread", "memory_x", "params_x", "gflops_x", "time_per_flop_x"]
 STEPS = {"optimizer": "training step = forward, loss, backward, SGD momentum step, "
                       "zero_grad(set_to_none=True)",
          "accumulate": "step = forward().backward(grad), gradients accumulating"}
@@ -36,10 +44,11 @@ def machine(env) -> str:
             f"torch {env['torch']}{malloc}{step}")
 
 
-def section(title: str, result, columns, note: str = "") -> str:
+def section(title: str, result, columns, note: str = "", headers=None) -> str:
     if result is None:
         return ""
-    table = format_flagged(result["records"], ["flag", *columns], "markdown", headers=HEADERS)
+    headers = {**HEADERS, **(headers or {})}
+    table = format_flagged(result["records"], ["flag", *columns], "markdown", headers=headers)
     summary = result.get("summary")
     tail = f"\n\nSummary: `{json.dumps(summary)}`" if summary else ""
     return f"#### {title}\n\n{machine(result['environment'])}. {note}\n\n{table}{tail}\n"
@@ -102,27 +111,39 @@ def main() -> None:
         section("RGA at the paper's four sites", load("rga_sites_cpu.json"),
                 ["kind", "site", "impl", "step_ms", "gflops", "params", "peak_mib"],
                 "Training step at batch 8; FLOPs at batch 8; peak memory of the same step at batch 32."),
-        section("ResNet-50 + RGA-SC (fused) vs plain ResNet-50, last stride 1, 256x128", load(
-            "network_resnet50_rga_sc_cpu.json"),
-            ["model", "batch", "step_ms", "samples_per_s", "gflops", "params", "memory_batch", "peak_mib",
-             "time_x", "memory_x", "params_x", "gflops_x", "time_per_flop_x"],
-            "Training step at batch 8; memory of the same step at batch 32. time/FLOP x = time x / FLOP x: "
-            "1.0 would mean the extra time is exactly the extra forward FLOPs (the floor of the exact "
-            "maths)."),
-        section("The same with `memory=\"lean\"`", load("network_resnet50_rga_sc_cpu_lean.json"),
-                ["model", "batch", "step_ms", "memory_batch", "peak_mib", "time_x", "memory_x", "gflops_x",
-                 "time_per_flop_x"], "`bench network --memory lean`."),
+        section("ResNet-50 + RGA-SC (fused, `memory=\"auto\"`: the default) vs plain ResNet-50, last "
+                "stride 1, 256x128", load("network_resnet50_rga_sc_cpu.json"), NETWORK,
+                "Training step at batch 8, time x from the two steps timed alternately; memory of the "
+                "same step at batch 32. time/FLOP x = time x / FLOP x: 1.0 would mean the extra time is "
+                "exactly the extra forward FLOPs (the floor of the exact maths)."),
+        section("The same with `memory=\"full\"`", load("network_resnet50_rga_sc_cpu_full.json"), NETWORK,
+                "`bench network --memory full`."),
+        section("The same with `memory=\"lean\"`", load("network_resnet50_rga_sc_cpu_lean.json"), NETWORK,
+                "`bench network --memory lean`."),
+        section("Inference: eval forward in PyTorch and ONNX Runtime", load("network_eval_cpu.json"),
+                ["model", "runtime", "batch", "fwd_ms", "time_x", "time_x_spread", "time_x_rounds", "gflops",
+                 "gflops_x", "time_per_flop_x", "parity"],
+                "`bench network --mode eval`, RGA-SC at layer1..4: eval-mode forward under no_grad; each "
+                "model exported with a dynamic batch for ONNX Runtime (parity: max |ORT - torch| / "
+                "max |torch|)."),
         section("The three networks alternated every round", load("network_alternating_cpu.json"),
                 ["model", "step_ms", "step_iqr_ms", "time_x", "time_x_iqr", "gflops_x", "time_x_over_floor"],
                 "`benchmarks/network_alternating.py`: time x is the median of the per-round ratios."),
         section("Layer-1 RGA-SC vs the official computation", load("layer1_rga_sc_vs_official_cpu.json"),
                 ["kind", "site", "impl", "memory", "batch", "step_ms", "peak_mib"],
                 "Training step at batch 8; peak memory of the same step at batch 32."),
-        section("The same networks timed with the accumulate-only step (`--step accumulate`)",
-                load("network_resnet50_rga_sc_cpu_accumulate.json"),
-                ["model", "batch", "step_ms", "gflops", "time_x", "gflops_x", "time_per_flop_x"],
-                "forward().backward(grad) with gradients accumulating: no loss, optimiser or freed "
-                "gradients."),
+        section("The projection GEMM: `linear` vs 1x1 conv", load("projection_gemm_cpu.json"),
+                projection_gemm.COLUMNS, "`benchmarks/projection_gemm.py`: forward + backward of one "
+                "token-major projection at batch 8, the two timed alternately.",
+                headers=projection_gemm.HEADERS),
+        section("`memory=\"lean\"` against `\"full\"`, per site and batch",
+                load("lean_vs_default_cpu.json"), lean_vs_default.COLUMNS[1:],
+                "`benchmarks/lean_vs_default.py`: lean time x = lean step / full "
+                "step, timed alternately; memory = peak RSS of two steps in a fresh subprocess.",
+                headers=lean_vs_default.HEADERS),
+        section("Kernels and bytes per training step (what a GPU would run)", load("launch_counts.json"),
+                launch_counts.COLUMNS, "`benchmarks/launch_counts.py`, batch 8; floors on an H100-class GPU: "
+                "kernels x 5 us, bytes / 3.35 TB/s.", headers=launch_counts.HEADERS),
         section("PFSA and attention pyramids at their papers' sites", load("pyramid_sites_cpu.json"),
                 ["kind", "level", "site", "impl", "batch", "step_ms", "gflops", "peak_mib"],
                 "PFSA at batch 64, APNet at batch 8; peak memory at the timed batch."),
@@ -134,8 +155,10 @@ def main() -> None:
         section("RGA-S at the layer1 site as the input grows", load("sweep_rga_s_cpu.json"),
                 ["input", "site", "impl", "batch", "step_ms", "peak_mib", "error"],
                 "Batch 16; 'out of memory' = the run did not fit the available memory (capped subprocess)."),
-        section("Inference folding (eval forward, RGA-SC)", load("inference_fold_cpu.json"),
-                ["site", "impl", "unfolded_ms", "folded_ms", "speedup"], ""),
+        section("Inference folding (eval forward, RGA-SC, `fold_batchnorm_scales`, deprecated)",
+                load("inference_fold_cpu.json"), inference_fold.COLUMNS,
+                "`benchmarks/inference_fold.py`, batch 8: the two timed alternately.",
+                headers=inference_fold.HEADERS),
         *cuda_sections(),
     ]
     print("\n".join(p for p in parts if p))
