@@ -357,7 +357,7 @@ def test_apnet_level_1_and_only_one_backbone_copy():
     torch.manual_seed(2)
     official = randomize_bn(OfficialBaseline(level=1)).eval()
     state = {k: v for k, v in official.state_dict().items() if not k.startswith("base.")}  # views only
-    preset = apnet_preset(state, level=1)
+    preset = apnet_preset(state, levels=1)
     assert_float32_features_agree(preset, official, images(2, seed=7, dtype=torch.float32))
 
 
