@@ -253,7 +253,7 @@ class GatedChannelProjection(torch.autograd.Function):
             del y1
             grad_y1 = conv2d_input(shape, w, g).squeeze(2).transpose(1, 2).reshape(x[rows].shape).to(x.dtype)
             grad_s1[rows] = (grad_y1 * x[rows]).sum(1, keepdim=True)
-            grad_x[rows] = grad_y1.mul_(s1[rows])
+            torch.mul(grad_y1, s1[rows], out=grad_x[rows])  # written in place: no copy of a map
         return grad_x, grad_s1, grad_weight.view_as(weight), None
 
 
