@@ -166,6 +166,38 @@ def test_rga_sc_gated_functions_gradcheck(channels_last, chunked, monkeypatch):
     assert ((proj - expected).abs() <= 2 * 20 * U64 * terms).all()
 
 
+def _factors_by_einsum(theta_phi, w_gg):
+    """a = [phi Wr^T; theta Wc^T] (B, G, 2d', n/s), w_gg = [Wr | Wc], by plain autograd ops."""
+    n = theta_phi.shape[-1]
+    theta, phi = theta_phi.unbind(2)
+    return torch.cat([torch.einsum("bgin,gkn->bgik", phi, w_gg[..., :n]),
+                      torch.einsum("bgin,gkn->bgik", theta, w_gg[..., n:])], 2)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_factors_function_gradcheck_and_keeps_no_folded_copy(groups):
+    """fused.factors in training: the same a and gradients as plain autograd ops (float64,
+    theta_phi a view into the projections as on the layers' path), and only its inputs kept for
+    backward, not theta_phi folded into rows (a copy of 2d' x n per sample)."""
+    g = torch.Generator().manual_seed(0)
+    batch, d_inner, n, n_inner = 3, 2, 5, 4
+    proj = torch.rand(batch, groups, 3, d_inner, n, generator=g, dtype=torch.float64, requires_grad=True)
+    w_gg = torch.randn(groups, n_inner, 2 * n, generator=g, dtype=torch.float64, requires_grad=True)
+    theta_phi = proj.split([2, 1], 2)[0]
+    assert torch.autograd.gradcheck(fused.factors, (theta_phi, w_gg))
+    a = fused.factors(theta_phi, w_gg)
+    assert type(a.grad_fn).__name__ == "FactorsBackward"
+    expected = _factors_by_einsum(theta_phi, w_gg)
+    # the same n-term dot products in two GEMM layouts
+    terms = _factors_by_einsum(theta_phi.abs(), w_gg.abs())
+    assert ((a - expected).abs() <= 2 * n * U64 * terms).all()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        fused.factors(theta_phi, w_gg)
+    storages = [t.untyped_storage().data_ptr() for t in kept]
+    assert storages == [proj.untyped_storage().data_ptr(), w_gg.data_ptr()]
+
+
 def _embedding_inputs(affine: bool, train: bool, n_inner: int = 3):
     """theta_phi, w_gg, w1e (float64, two agents) and the agents' BatchNorms. ``n_inner`` 3:
     E's products associate through E-sized intermediates (2d' > n/s); 6: through 2d' x 2d' ones."""
@@ -185,7 +217,8 @@ def _autograd_form(theta_phi, w_gg, w1e, weight, bias, norms):
     batch, groups, _, d_inner, n = theta_phi.shape
     for bn in norms:
         bn.num_batches_tracked += int(bn.training)
-    e = torch.matmul(fused.factors(theta_phi, w_gg).transpose(2, 3), theta_phi.reshape(batch, groups, -1, n))
+    a = _factors_by_einsum(theta_phi, w_gg)
+    e = torch.matmul(a.transpose(2, 3), theta_phi.reshape(batch, groups, -1, n))
     m = w_gg.shape[1]
     z = torch.cat([
         torch.nn.functional.batch_norm(

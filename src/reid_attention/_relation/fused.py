@@ -15,6 +15,7 @@ agents at once (APNet-S's stripes; G = 1 for RGA), tokens (B, G, d, n), in named
 
   (:func:`factors`): two thin GEMMs instead of an n x n product and a 2n-channel conv. Exact:
   the same sums in another order, so the norm's input, and its batch statistics, are the same.
+  In training :class:`Factors` keeps theta_phi, not its copy folded into the GEMM's rows.
 * :func:`w_network` (step 5) after W's first conv, which :func:`after_projections` applies to
   g and E separately, so that y = [g, E] is never formed.
 * RGA-SC's training route: :class:`GatedChannelProjection` (the channel axis's step 1 on the
@@ -28,7 +29,7 @@ step of :func:`after_projections` and recomputes everything after the projection
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -144,10 +145,50 @@ def weight_halves(w_gg: Tensor) -> Tensor:
 
 def factors(theta_phi: Tensor, w_gg: Tensor) -> Tensor:
     """a = [Ar^T; Ac^T] = [phi Wr^T; theta Wc^T] (B, G, 2d', n/s): one GEMM per (agent, half)
-    with the batch folded into the rows, so the weights are never expanded over the batch."""
+    with the batch folded into the rows, so the weights are never expanded over the batch.
+
+    Where a gradient is recorded it runs as :class:`Factors`, which keeps theta_phi for backward
+    (held anyway, by its activation) instead of its folded copy (2d' x n per sample)."""
+    if torch.is_grad_enabled() and (theta_phi.requires_grad or w_gg.requires_grad):
+        return cast(Tensor, Factors.apply(theta_phi, w_gg))
+    return _factor_gemm(theta_phi, w_gg)
+
+
+def _factor_gemm(theta_phi: Tensor, w_gg: Tensor) -> Tensor:
     batch, groups, _, d_inner, _ = theta_phi.shape
     a = torch.bmm(folded_rows(theta_phi), weight_halves(w_gg)).view(groups, 2, batch, d_inner, w_gg.shape[1])
     return a.permute(2, 0, 1, 3, 4).reshape(batch, groups, 2 * d_inner, w_gg.shape[1])
+
+
+def factors_backward(theta_phi: Tensor, w_gg: Tensor, grad_a: Tensor, grad_theta_phi: Tensor) -> Tensor:
+    """The backward of :func:`factors` for a's gradient (B, G, 2d', n/s): adds theta_phi's share
+    into ``grad_theta_phi`` (B, G, 2, d', n) and returns w_gg's gradient. theta_phi is folded
+    into rows again here, a transient copy."""
+    batch, groups, _, d_inner, n = theta_phi.shape
+    n_inner = w_gg.shape[1]
+    grad_a = grad_a.reshape(batch, groups, 2, d_inner, n_inner).permute(1, 2, 0, 3, 4)
+    grad_a = grad_a.reshape(groups * 2, batch * d_inner, n_inner)
+    grad_rows = torch.bmm(grad_a, weight_halves(w_gg).transpose(1, 2)).view(groups, 2, batch, d_inner, n)
+    for source, target in ((0, 1), (1, 0)):  # the rows hold phi, then theta
+        grad_theta_phi[:, :, target].add_(grad_rows[:, source].transpose(0, 1))
+    del grad_rows
+    grad_w_gg = torch.bmm(folded_rows(theta_phi).transpose(1, 2), grad_a)
+    return grad_w_gg.view(groups, 2, n, n_inner).permute(0, 3, 1, 2).reshape_as(w_gg)
+
+
+class Factors(torch.autograd.Function):
+    """:func:`factors` keeping theta_phi and w_gg for backward (:func:`factors_backward`)."""
+
+    @staticmethod
+    def forward(ctx: Any, theta_phi: Tensor, w_gg: Tensor) -> Tensor:
+        ctx.save_for_backward(theta_phi, w_gg)
+        return _factor_gemm(theta_phi, w_gg)
+
+    @staticmethod
+    def backward(ctx: Any, grad_a: Tensor) -> tuple[Tensor, Tensor]:
+        theta_phi, w_gg = ctx.saved_tensors
+        grad_theta_phi = torch.zeros(theta_phi.shape, dtype=theta_phi.dtype, device=theta_phi.device)
+        return grad_theta_phi, factors_backward(theta_phi, w_gg, grad_a, grad_theta_phi)
 
 
 def relation_embedding(theta_phi: Tensor, branches: Sequence[RelationBranch]) -> Tensor:

@@ -53,10 +53,9 @@ from .fused import (
     after_projections,
     batch_chunks,
     factors,
-    folded_rows,
+    factors_backward,
     projection_parts,
     stacked_weights,
-    weight_halves,
 )
 from .modules import RelationBranch
 
@@ -225,16 +224,8 @@ class LeanEmbedding(torch.autograd.Function):
             for rows in chunks:
                 tc = _centred(tp, tp_mean, rows)
                 grad_tp[rows] -= _product(a_c[rows], a[rows].transpose(2, 3), tc).add_(bias_tp[rows])
-        # the path through a = factors(theta_phi, w_gg)
-        grad_a = grad_a.view(batch, groups, 2, d_inner, n_inner).permute(1, 2, 0, 3, 4)
-        grad_a = grad_a.reshape(groups * 2, batch * d_inner, n_inner)
-        grad_rows = torch.bmm(grad_a, weight_halves(w_gg).transpose(1, 2)).view(groups, 2, batch, d_inner, n)
         grad_theta_phi = grad_tp.view_as(theta_phi)
-        for source, target in ((0, 1), (1, 0)):  # the rows hold phi, then theta
-            grad_theta_phi[:, :, target].add_(grad_rows[:, source].transpose(0, 1))
-        del grad_rows
-        grad_w_gg = torch.bmm(folded_rows(theta_phi).transpose(1, 2), grad_a)
-        grad_w_gg = grad_w_gg.view(groups, 2, n, n_inner).permute(0, 3, 1, 2).reshape_as(w_gg)
+        grad_w_gg = factors_backward(theta_phi, w_gg, grad_a, grad_theta_phi)  # the path through a
         has_weight, has_bias = ctx.affine
         grad_weight = (invstd.view(groups, n_inner) * sum_gx).flatten() if has_weight else None
         grad_bias = total_g.flatten() if has_bias else None
