@@ -8,7 +8,8 @@
   skips them).
 * torch.export with a dynamic batch: the program equals eager at batch sizes other than the
   traced one, batch 1 included.
-* ONNX (dynamo exporter) with a dynamic batch, run by onnxruntime at batch 1 and 5.
+* ONNX (dynamo exporter) with a dynamic batch, run by onnxruntime at batch 1 and 5; the exported
+  relation layers' projections are matmuls (no convolution, no select).
 * Mixed precision: autocast bf16 and fp16 on CPU (and on CUDA when present): finite outputs and
   gradients, error vs the exact step within the modelled rounding of the formats the step runs
   in, for unit-scale and hundreds-scale activations; finite forward with raw statistics
@@ -106,6 +107,18 @@ def test_export_dynamic_batch(kind, impl):
             # the program runs the traced ATen ops (bitwise equal on AMD); FORWARD_TOL covers a
             # decomposition that rounds differently (modelled rounding <= 0.5% of it)
             torch.testing.assert_close(program.module()(x), module(x), **FORWARD_TOL)
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="is_exporting: torch 2.6+")
+@pytest.mark.parametrize("kind", ["rga_s", "rga_c", "rga_sc", "apnet_s"])
+def test_export_records_projections_as_matmuls(kind):
+    """Exported, the relation layers' fused path has no convolution and no select: a deployment
+    runtime's convolution takes NCHW maps only, so a 1x1 projection of token-major tokens would
+    first transpose them whole, and a select is a copy in ONNX (a Gather)."""
+    _, program = _exported(kind, "fused", torch.float32)
+    ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "aten.matmul.default" in ops or "aten.bmm.default" in ops, ops
+    assert not [op for op in ops if "conv" in op or "select" in op]
 
 
 @pytest.mark.parametrize("kind,impl", kind_impl_params())

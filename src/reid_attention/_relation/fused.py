@@ -73,8 +73,22 @@ def conv_1x1(tokens: Tensor, weight: Tensor) -> Tensor:
     runs the forward and the backward at the speed of the backbone's own convs, where the BLAS
     behind ``linear`` may not (AMD EPYC: a training step's projection 2x slower as a ``linear``;
     ``benchmarks/projection_gemm.py``).
+
+    Exported (``torch.export`` and ONNX, from torch 2.6), a ``matmul``: a deployment runtime's
+    convolution takes NCHW maps only, so a token-major input would first be transposed whole
+    (ONNX Runtime, ResNet-50 layer 1's channel axis at batch 64: a 37 ms Transpose), where a
+    MatMul reads either layout.
     """
+    if _exporting():
+        return torch.matmul(weight, tokens)
     return F.conv2d(tokens.unsqueeze(2), weight[:, :, None, None]).squeeze(2)
+
+
+def _exporting() -> bool:
+    """Whether torch.export is recording the call (also under the ONNX exporter, which runs it);
+    ``torch.compiler.is_exporting`` is new in torch 2.6."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and bool(is_exporting())
 
 
 def _project(weight: Tensor, tokens: Tensor) -> Tensor:
@@ -91,7 +105,7 @@ def _project(weight: Tensor, tokens: Tensor) -> Tensor:
     if groups > 1:
         out = torch.bmm(weight, tokens.permute(1, 2, 0, 3).reshape(groups, d, batch * n))
         return out.view(groups, weight.shape[1], batch, n).permute(2, 0, 1, 3)
-    return conv_1x1(tokens[:, 0], weight[0]).unsqueeze(1)
+    return conv_1x1(tokens.squeeze(1), weight.squeeze(0)).unsqueeze(1)  # squeeze: a select is a copy in ONNX
 
 
 def projection_parts(branches: Sequence[RelationBranch]) -> list[CBRParts]:
