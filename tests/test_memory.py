@@ -142,7 +142,7 @@ def test_rga_sc_gated_functions_gradcheck(channels_last, chunked, monkeypatch):
     from reid_attention._relation import DoubleGate, GatedChannelProjection, fused
 
     if chunked:
-        monkeypatch.setattr(fused, "GATED_CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(fused, "CONV_CHUNK_ELEMENTS", 1)
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3, 3, 4, 5, generator=g, dtype=torch.float64)

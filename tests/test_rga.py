@@ -323,3 +323,29 @@ def test_registry():
         ra.create_attention("pfsa", 0)
     with pytest.raises(TypeError, match="channels must be an int"):
         ra.create_attention("pfsa", 64.0)
+
+
+@pytest.mark.parametrize("kind", ["rga_s", "rga_sc", "apnet_s"])
+def test_inference_projections_in_batch_chunks(kind, monkeypatch):
+    """Without a gradient, a feature-major projection (an NCHW conv input) larger than
+    CONV_CHUNK_ELEMENTS runs one conv per batch chunk (here: one sample per chunk) and gives the
+    whole-batch conv's output: float64, the same dot products per element (helpers.FORWARD_TOL).
+    Token-major ones (RGA-C's, channels_last conv inputs) stay whole."""
+    import torch.nn.functional as F
+    from helpers import FORWARD_TOL, build, make_input
+
+    from reid_attention._relation import fused
+
+    module = build(kind).eval()
+    x = make_input(4)
+    with torch.no_grad():
+        whole = module(x)
+    calls = []
+    conv2d = F.conv2d
+    monkeypatch.setattr(
+        F, "conv2d", lambda *a, **k: calls.append((a[0].is_contiguous(), a[0].shape[0])) or conv2d(*a, **k))
+    monkeypatch.setattr(fused, "CONV_CHUNK_ELEMENTS", 1)
+    with torch.no_grad():
+        chunked = module(x)
+    assert (True, 1) in calls and {batch for nchw, batch in calls if nchw} == {1}, calls
+    torch.testing.assert_close(chunked, whole, **FORWARD_TOL)
