@@ -12,6 +12,7 @@ import pathlib
 import inference_fold  # the scripts beside this one: their tables' columns
 import launch_counts
 import lean_vs_default
+import ort_profile
 import projection_gemm
 
 from reid_attention.bench.report import format_flagged
@@ -126,6 +127,10 @@ def main() -> None:
                 "`bench network --mode eval`, RGA-SC at layer1..4: eval-mode forward under no_grad; each "
                 "model exported with a dynamic batch for ONNX Runtime (parity: max |ORT - torch| / "
                 "max |torch|)."),
+        section("Where ONNX Runtime spends the eval forward", load("ort_profile_cpu.json"),
+                ort_profile.COLUMNS, "`benchmarks/ort_profile.py`, batch 64, RGA-SC at layer1..4: ONNX "
+                "Runtime's per-node profile, each node's fastest of 5 runs, summed per operator type.",
+                headers=ort_profile.HEADERS),
         section("The three networks alternated every round", load("network_alternating_cpu.json"),
                 ["model", "step_ms", "step_iqr_ms", "time_x", "time_x_iqr", "gflops_x", "time_x_over_floor"],
                 "`benchmarks/network_alternating.py`: time x is the median of the per-round ratios."),

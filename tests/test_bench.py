@@ -686,3 +686,19 @@ def test_projection_gemm_quick_run(tmp_path):
     records = _run_script("projection_gemm.py", tmp_path)
     assert [(r["site"], r["axis"]) for r in records] == [("32:16x8", "channel")]
     assert records[0]["linear_x_rounds"] == 2 and records[0]["conv_ms"] > 0 and records[0]["linear_ms"] > 0
+
+
+def test_ort_profile_quick_run(tmp_path):
+    """ONNX Runtime's profile of plain and RGA-SC networks: the attention adds GEMMs, and the
+    ratio of its GEMM time alone lies between 1 and the measured ratio."""
+    for module in ("onnxruntime", "onnxscript", "torchvision"):
+        pytest.importorskip(module)
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "ort_profile.py"
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--out", str(out)],
+                   check=True, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    extra = {r["op"]: r["extra_ms"] for r in result["records"]}
+    assert extra.get("MatMul", 0) + extra.get("FusedMatMul", 0) > 0
+    summary = result["summary"]
+    assert 1 < summary["gemm_only_x"] < summary["time_x"] and summary["flop_x"] > 1

@@ -18,7 +18,8 @@ from .._extras import require
 from .measure import build_from_spec, count_flops, train_step
 from .paired import PairedRatio, paired_ratio
 
-__all__ = ["DEFAULT_EVAL_BATCHES", "RUNTIMES", "available_runtimes", "eval_rows", "paired_step"]
+__all__ = ["DEFAULT_EVAL_BATCHES", "RUNTIMES", "available_runtimes", "eval_rows", "onnx_session",
+           "paired_step"]
 
 RUNTIMES = ("torch", "onnxruntime")
 DEFAULT_EVAL_BATCHES = (1, 64)  # per-query latency, gallery throughput
@@ -51,23 +52,29 @@ def _torch_forward(module: nn.Module) -> Forward:
     return forward
 
 
-def _onnx_forward(module: nn.Module, example: Tensor, threads: int | None) -> Forward:
-    """ONNX Runtime (CPU) running ``module`` exported with a dynamic batch (torch.export, dynamo
-    ONNX exporter)."""
+def onnx_session(module: nn.Module, example: Tensor, threads: int | None, **options: Any) -> Any:
+    """An ONNX Runtime (CPU) session of ``module`` exported with a dynamic batch (torch.export,
+    dynamo ONNX exporter); ``options``: ``ort.SessionOptions`` attributes (e.g. enable_profiling)."""
     ort = require("onnxruntime", feature="bench network --mode eval (onnxruntime)", extra="bench")
     require("onnxscript", feature="bench network --mode eval (onnxruntime)", extra="bench")
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
     onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
     assert onnx_program is not None  # the dynamo exporter returns the program
-    options = ort.SessionOptions()
+    session_options = ort.SessionOptions()
     if threads:
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session_options.intra_op_num_threads, session_options.inter_op_num_threads = threads, 1
     # Two sessions are timed in turn: an idle one's spinning threads would steal the cores of the
     # one being timed (its default spin-wait), so its threads sleep when idle.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(onnx_program.model_proto.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for name, value in options.items():
+        setattr(session_options, name, value)
+    return ort.InferenceSession(onnx_program.model_proto.SerializeToString(), session_options,
+                                providers=["CPUExecutionProvider"])
+
+
+def _onnx_forward(module: nn.Module, example: Tensor, threads: int | None) -> Forward:
+    session = onnx_session(module, example, threads)
     name = session.get_inputs()[0].name
 
     def forward(x: Tensor) -> Any:
