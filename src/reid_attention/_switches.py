@@ -10,8 +10,8 @@ from ._checks import ArgumentError
 IMPLS = ("reference", "fused")
 MEMORY_MODES = ("auto", "full", "lean")
 # memory="auto" takes the lean form for a call whose relation embedding holds at least this many values
-# (batch x agents x n/s x n); below it the full form is as fast or faster (benchmarks/lean_vs_default.py:
-# every row that settled, 0.68x-2.16x, sits on the side of this line where its mode is the faster).
+# (batch x agents x n/s x n); below it the full form is faster (benchmarks/lean_vs_default.py, settled rows:
+# lean 1.03x-1.99x of full's time below the line, 0.51x-1.09x at or above it).
 AUTO_LEAN_ELEMENTS = 1 << 22
 
 
