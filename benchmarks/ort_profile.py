@@ -23,6 +23,7 @@ import pathlib
 import sys
 
 import torch
+from network_alternating import SITES  # the preset's four RGA sites, as the alternation times them
 
 from reid_attention.bench.measure import count_flops
 from reid_attention.bench.network import onnx_session
@@ -34,7 +35,6 @@ HEADERS = {"op": "ONNX operator", "plain_ms": "ResNet-50 ms", "rga_sc_ms": "+ RG
            "extra_ms": "extra ms"}
 GEMMS = ("MatMul", "FusedMatMul")
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-SITES = ["layer1", "layer2", "layer3", "layer4"]
 
 
 def profile(module: torch.nn.Module, batch: int, runs: int, threads: int, prefix: str) -> dict[str, float]:

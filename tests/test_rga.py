@@ -6,14 +6,18 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import (
+    FORWARD_TOL,
     GRADCHECK,
     ROUNDING_FACTOR,
     U32,
     DtypeSchedule,
     assert_gates_vary,
     assert_same_step,
+    build,
     calibrate_bn,
+    make_input,
     norm_error,
     randomize_bn,
     relative_error,
@@ -26,6 +30,7 @@ from hypothesis import strategies as st
 from official_rga import official_forward
 
 import reid_attention as ra
+from reid_attention._relation import fused
 
 KINDS = {"rga_s": (True, False), "rga_c": (False, True), "rga_sc": (True, True)}
 PAPER_SITES = [(256, (64, 32)), (512, (32, 16)), (1024, (16, 8)), (2048, (16, 8))]
@@ -331,11 +336,6 @@ def test_inference_projections_in_batch_chunks(kind, monkeypatch):
     CONV_CHUNK_ELEMENTS runs one conv per batch chunk (here: one sample per chunk) and gives the
     whole-batch conv's output: float64, the same dot products per element (helpers.FORWARD_TOL).
     Token-major ones (RGA-C's, channels_last conv inputs) stay whole."""
-    import torch.nn.functional as F
-    from helpers import FORWARD_TOL, build, make_input
-
-    from reid_attention._relation import fused
-
     module = build(kind).eval()
     x = make_input(4)
     with torch.no_grad():
