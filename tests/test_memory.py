@@ -1,6 +1,6 @@
 """``memory="lean"``: everything after the projection GEMMs recomputed in backward, the relation
-embedding walked in batch chunks (never held whole); and the fused RGA-SC's spatially gated map
-never kept for backward (either mode).
+embedding walked in batch chunks (never held whole, in training or inference); and the fused
+RGA-SC's spatially gated map never kept for backward (either mode).
 
 Same outputs, gradients and BatchNorm statistics (counted once) as the default, in float64;
 fewer bytes kept for backward (counted with saved-tensor hooks, not timed); norms that are not
@@ -10,10 +10,20 @@ exact BatchNorms keep the default path (a module must not run twice).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
-from helpers import ROUNDING_FACTOR, U64, assert_same_step, max_abs, randomize_bn, rounding_envelope, run_step
+from helpers import (
+    ROUNDING_FACTOR,
+    STEP_TOL,
+    U64,
+    assert_same_step,
+    max_abs,
+    randomize_bn,
+    rounding_envelope,
+    run_step,
+)
 from torch import nn
 
 import reid_attention as ra
@@ -48,6 +58,53 @@ def test_lean_equals_default(kind, train, chunks):
     lean.memory = "lean"
     for seed in range(2):  # twice: the statistics move between steps
         assert_same_step(run_step(default, x_(seed)), run_step(lean, x_(seed)))
+
+
+@pytest.fixture
+def inference_calls(monkeypatch):
+    """The calls of the lean form's inference embedding, recorded."""
+    calls = []
+    original = embedding.inference_embedding
+    monkeypatch.setattr(embedding, "inference_embedding", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize("kind", SIZE_TIED)
+@pytest.mark.parametrize("train", [True, False])
+def test_lean_inference_equals_full(kind, train, chunks, inference_calls):
+    """Without a gradient the lean form runs the embedding in chunks only, keeping and
+    recomputing nothing: the full form's outputs and running statistics (float64, STEP_TOL: the
+    lean vs default comparisons), with batch statistics (train mode) or running ones (eval)."""
+    full = build(kind).train(train)
+    full.memory = "full"
+    lean = copy.deepcopy(full)
+    lean.memory = "lean"
+    with torch.no_grad():
+        for seed in range(2):  # twice: in train mode the statistics move between calls
+            torch.testing.assert_close(lean(x_(seed)), full(x_(seed)), **STEP_TOL)
+    for (name, want), got in zip(full.named_buffers(), lean.buffers()):
+        torch.testing.assert_close(got, want, **STEP_TOL, msg=name)
+    assert inference_calls
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="is_exporting: torch 2.6+")
+@pytest.mark.parametrize("kind", ["rga_sc", "apnet_s"])
+def test_lean_inference_records_the_full_form(kind, inference_calls):
+    """An exported (dynamic batch) or traced lean module records the full form, whose GEMMs take
+    any batch, not the chunk loop; eager calls keep the lean form. Same outputs (float64)."""
+    module = build(kind, memory="lean").eval()
+    with torch.no_grad():
+        program = torch.export.export(module, (x_(),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        with warnings.catch_warnings():  # torch.jit.trace: deprecated (FutureWarning), TracerWarnings
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(module, (x_(),), check_trace=False)
+    assert not inference_calls
+    x = torch.cat([x_(), x_(1)])[:5]
+    with torch.no_grad():
+        eager = module(x)
+        assert inference_calls
+        torch.testing.assert_close(program.module()(x), eager, **STEP_TOL)
+        torch.testing.assert_close(traced(x[:3]), module(x[:3]), **STEP_TOL)
 
 
 def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
@@ -287,12 +344,13 @@ def test_lean_embedding_recomputation_reuses_the_first_run():
             assert torch.equal(value, saved[name]), name
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["step", "inference"])
 @pytest.mark.parametrize("memory", ["full", "lean", "auto-small", "auto-large"])
-def test_lean_holds_no_whole_embedding(memory, monkeypatch):
-    """With one sample per chunk, no (B, n/s, n) embedding exists in a lean training step (the
-    full path holds it whole: the check can fail). ``memory="auto"`` is lean exactly when the
-    call's embedding holds at least ``AUTO_LEAN_ELEMENTS`` values (here 3 x n/s x n: the
-    threshold is set just above it, or at it)."""
+def test_lean_holds_no_whole_embedding(memory, grad, monkeypatch):
+    """With one sample per chunk, no (B, n/s, n) embedding exists in a lean training step or
+    inference call (the full path holds it whole: the check can fail). ``memory="auto"`` is lean
+    exactly when the call's embedding holds at least ``AUTO_LEAN_ELEMENTS`` values (here
+    3 x n/s x n: the threshold is set just above it, or at it)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from reid_attention import _switches
@@ -314,8 +372,10 @@ def test_lean_holds_no_whole_embedding(memory, monkeypatch):
                     shapes.append(tuple(t.shape))
             return out
 
-    with Record():
-        module(x).sum().backward()
+    with Record(), torch.set_grad_enabled(grad):
+        out = module(x)
+        if grad:
+            out.sum().backward()
     whole = [s for s in shapes if s[0] == len(x)]  # (B, [1,] n/s, n), not a chunk or a weight
     assert bool(whole) == (memory in ("full", "auto-small")), whole
 

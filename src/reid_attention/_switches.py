@@ -63,9 +63,11 @@ class MemorySwitch:
     embedding's statistics, factors and its product with W's first conv) for backward, and
     recomputes the norms and the W network there; the relation embedding, the largest
     activation of a training step (n/s x n per sample), is computed in batch chunks and never
-    held whole (:mod:`reid_attention._relation.lean`). Same gradients and statistics. Exact
-    BatchNorms and plain ReLUs only (a module must not run twice); other norms keep the
-    full path.
+    held whole (:mod:`reid_attention._relation.lean`). Same gradients and statistics. Without a
+    gradient (eager inference) only the chunked embedding remains, which is also faster once
+    the embedding outgrows the cache; an exported, traced or compiled inference program takes
+    the full form. Exact BatchNorms and plain ReLUs only (a module must not run twice); other
+    norms keep the full path.
 
     ``"auto"`` (the default): per call, the lean form where the call's relation embedding holds
     at least :data:`AUTO_LEAN_ELEMENTS` values (large maps, large batches: there it is as fast or

@@ -124,8 +124,9 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
             (the official computation); settable on a built module.
         memory: ``"auto"`` (default), ``"full"`` or ``"lean"`` (fused path: of each axis only the
             projection GEMM output and small results are kept for backward, the rest is
-            recomputed there and the relation embedding is never held whole; exact BatchNorms
-            only); ``"auto"`` takes the lean form for calls with a large relation embedding (see
+            recomputed there and the relation embedding is never held whole, in inference too;
+            exact BatchNorms only); ``"auto"`` takes the lean form for calls with a large relation
+            embedding (see
             :class:`reid_attention._switches.MemorySwitch`); settable. In every mode the fused
             RGA-SC keeps no copy of the spatially gated map for backward (it is recomputed
             from the input and the gate).
@@ -235,15 +236,15 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
         ``impl="reference"``: every axis on the reference path. ``impl="fused"``: every axis on
         the fused path, in its memory-lean form where ``memory`` asks for it (``"lean"``, or
         ``"auto"`` for a large relation embedding: batch x n/s x n values) and the form applies to
-        that axis (:func:`reid_attention._relation.lean_applies`: gradient recorded, non-empty
-        batch, exact BatchNorms and plain ReLUs); and RGA-SC takes its training route whenever
-        a gradient is recorded.
+        that axis (:func:`reid_attention._relation.lean_applies`: non-empty batch, exact
+        BatchNorms and plain ReLUs, and a gradient recorded or an eager call); and RGA-SC takes
+        its training route whenever a gradient is recorded.
         """
         if self._impl == "reference":
             return Route(dict.fromkeys(self.widths, "reference"), sc_training=False)
         n = {"spatial": x.shape[2] * x.shape[3], "channel": x.shape[1]}  # an axis's positions
-        # lean_applies first: without a gradient (inference, torch.export) the batch size is not
-        # compared with anything, so a dynamic batch stays dynamic
+        # lean_applies first: in a traced, compiled or exported inference program the batch size
+        # is not compared with anything, so a dynamic batch stays dynamic
         paths = {
             axis: "fused-lean"
             if lean_applies([self.branch(axis)], x.shape[0])

@@ -85,7 +85,7 @@ def conv_1x1(tokens: Tensor, weight: Tensor) -> Tensor:
     once its input outgrows the cache (AMD EPYC, batch 64: ResNet-50 layer 1's spatial projection
     83 -> 39 ms, layer 2's 50 -> 17 ms).
     """
-    if _exporting():
+    if exporting():
         return torch.matmul(weight, tokens)
     w = weight[:, :, None, None]
     if (tokens.is_cpu and tokens.is_contiguous() and not torch.is_grad_enabled()
@@ -100,7 +100,7 @@ def conv_1x1(tokens: Tensor, weight: Tensor) -> Tensor:
     return F.conv2d(tokens.unsqueeze(2), w).squeeze(2)
 
 
-def _exporting() -> bool:
+def exporting() -> bool:
     """Whether torch.export is recording the call (also under the ONNX exporter, which runs it);
     ``torch.compiler.is_exporting`` is new in torch 2.6."""
     is_exporting = getattr(torch.compiler, "is_exporting", None)

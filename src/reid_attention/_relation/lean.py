@@ -36,6 +36,12 @@ and the covariance S = tc tc^T / n (2d' x 2d'):
 Each E chunk is computed twice (once each way), as autograd computes it once and keeps it. The
 same function and gradients as the autograd form up to rounding order, for exact BatchNorms
 (``one_kernel``) and a plain ReLU.
+
+Without a gradient (eager inference) there is nothing to keep: :func:`inference_embedding` is
+the forward's pass alone, so E is still never whole. That is faster, not only leaner, once E
+outgrows the cache: the full form writes E to memory and reads it back twice (norm, ReLU, W1_E),
+the chunks stay in cache (AMD EPYC, 2 threads, ResNet-50 + RGA-SC eval forward at batch 64:
+0.94x the full form's time; 128 MiB less at layer 1's spatial axis).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from .._precision import compute_dtype, no_autocast
 from .fused import (
     after_projections,
     batch_chunks,
+    exporting,
     factors,
     factors_backward,
     projection_parts,
@@ -167,7 +174,7 @@ class LeanEmbedding(torch.autograd.Function):
         norms: Sequence[_BatchNorm], stash: list[Tensor | None],
     ) -> Tensor:
         first = norms[0]
-        ctx.batch_statistics = first.training or first.running_mean is None
+        ctx.batch_statistics = _batch_statistics(norms)
         ctx.affine = (weight is not None, bias is not None)
         if stash:  # a recomputation: the first run's results (a copy of H, which becomes an output)
             a, tp_mean, cov_a, mu, sigma2, out = cast("_FirstRun", tuple(stash))
@@ -232,16 +239,36 @@ class LeanEmbedding(torch.autograd.Function):
         return grad_theta_phi, grad_w_gg, grad_w1e, grad_weight, grad_bias, None, None
 
 
+def _embedding_inputs(
+    theta_phi: Tensor, branches: Sequence[RelationBranch]
+) -> tuple[list[_BatchNorm], Tensor, Tensor | None, Tensor | None]:
+    """The embedding's norms (exact BatchNorms: :func:`lean_applies`), its stacked weights
+    (G, n/s, 2n) and the norms' concatenated weight and bias."""
+    norms = cast("list[_BatchNorm]", [b.gg[1] for b in branches])
+    w_gg = stacked_weights([b.gg[0] for b in branches], theta_phi.dtype)
+    return (norms, w_gg, *affine_parameters(norms, theta_phi.dtype))
+
+
+def _batch_statistics(norms: Sequence[_BatchNorm]) -> bool:
+    """Whether the norms normalise with batch statistics (else with their running ones)."""
+    return norms[0].training or norms[0].running_mean is None
+
+
 def lean_embedding(
     theta_phi: Tensor, branches: Sequence[RelationBranch], w1e: Tensor, stash: list[Tensor | None]
 ) -> Tensor:
     """W1_E E (B, G, k, n) by :class:`LeanEmbedding`: the embedding step of
     :func:`~reid_attention._relation.fused.after_projections` on the lean form."""
-    norms = cast("list[_BatchNorm]", [b.gg[1] for b in branches])  # exact BatchNorms (lean_applies)
-    w_gg = stacked_weights([b.gg[0] for b in branches], theta_phi.dtype)
-    weight, bias = affine_parameters(norms, theta_phi.dtype)
+    norms, w_gg, weight, bias = _embedding_inputs(theta_phi, branches)
     out: Tensor = LeanEmbedding.apply(theta_phi, w_gg, w1e, weight, bias, norms, stash)
     return out
+
+
+def inference_embedding(theta_phi: Tensor, branches: Sequence[RelationBranch], w1e: Tensor) -> Tensor:
+    """W1_E E (B, G, k, n) without a gradient: :class:`LeanEmbedding`'s first run alone (E in
+    chunks, the running statistics updated once in train mode), nothing kept."""
+    norms, w_gg, weight, bias = _embedding_inputs(theta_phi, branches)
+    return _first_run(theta_phi, w_gg, w1e, weight, bias, norms, _batch_statistics(norms))[-1]
 
 
 def recomputable(branches: Sequence[RelationBranch]) -> bool:
@@ -256,9 +283,19 @@ def recomputable(branches: Sequence[RelationBranch]) -> bool:
 
 
 def lean_applies(branches: Sequence[RelationBranch], batch: int) -> bool:
-    """Whether the lean form may run for ``batch`` samples: a gradient is recorded (else there
-    is nothing to keep), the batch is not empty, and :func:`recomputable` holds."""
-    return torch.is_grad_enabled() and batch > 0 and recomputable(branches)
+    """Whether the lean form may run for ``batch`` samples: the batch is not empty,
+    :func:`recomputable` holds, the call is not being exported or traced, and a gradient is
+    recorded or the call runs eagerly. A recorded inference program (exported, traced, or
+    compiled without a gradient) takes the full form, whose GEMMs take any batch, where the
+    chunk loop would fix it."""
+    if exporting() or _tracing() or batch == 0 or not recomputable(branches):
+        return False
+    return torch.is_grad_enabled() or not torch.compiler.is_compiling()
+
+
+def _tracing() -> bool:
+    """Whether ``torch.jit.trace`` (also the TorchScript ONNX exporter) is recording the call."""
+    return bool(torch.jit.is_tracing())  # type: ignore[attr-defined,no-untyped-call]  # unannotated in torch
 
 
 def lean_logits(proj: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
@@ -269,10 +306,13 @@ def lean_logits(proj: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
     The first run fills ``stash`` (see :class:`LeanEmbedding`); the recomputation reuses the
     embedding's statistics and updates no running statistics, so BatchNorm statistics are
     counted once, and it normalises with the same batch statistics (the same input gives the
-    same values).
+    same values). Without a gradient nothing is kept or recomputed: the embedding is
+    :func:`inference_embedding`.
     """
     with no_autocast(proj):
         dtype = compute_dtype(proj)
+        if not torch.is_grad_enabled():
+            return after_projections(proj, branches, dtype, inference_embedding)
         stash: list[Tensor | None] = []
 
         def embedding_step(theta_phi: Tensor, branches: Sequence[RelationBranch], w1e: Tensor) -> Tensor:
