@@ -14,6 +14,7 @@ import launch_counts
 import lean_vs_default
 import ort_profile
 import projection_gemm
+import torch_profile
 
 from reid_attention.bench.report import format_flagged
 
@@ -131,6 +132,14 @@ def main() -> None:
                 ort_profile.COLUMNS, "`benchmarks/ort_profile.py`, batch 64, RGA-SC at layer1..4: ONNX "
                 "Runtime's per-node profile, each node's fastest of 5 runs, summed per operator type.",
                 headers=ort_profile.HEADERS),
+        section("Where PyTorch spends the training step", load("torch_profile_train_cpu.json"),
+                torch_profile.COLUMNS, "`benchmarks/torch_profile.py --compile`, batch 8, RGA-SC at "
+                "layer1..4: PyTorch's profiler, operators' self times per class, mean of 3 profiled steps "
+                "(autograd & Python includes the wall time no operator covers).",
+                headers=torch_profile.HEADERS),
+        section("Where PyTorch spends the eval forward", load("torch_profile_eval_cpu.json"),
+                torch_profile.COLUMNS, "`benchmarks/torch_profile.py --mode eval`, batch 64, under "
+                "no_grad.", headers=torch_profile.HEADERS),
         section("The three networks alternated every round", load("network_alternating_cpu.json"),
                 ["model", "step_ms", "step_iqr_ms", "time_x", "time_x_iqr", "gflops_x", "time_x_over_floor"],
                 "`benchmarks/network_alternating.py`: time x is the median of the per-round ratios."),

@@ -40,6 +40,8 @@ step network_lean $PY "${NET[@]}" --batch 8 --memory-batch 32 --repeat 10 --memo
     --out $R/network_resnet50_rga_sc_cpu_lean.json --quiet
 step network_eval $PY "${NET[@]}" --mode eval --format json --out $R/network_eval_cpu.json --quiet
 step ort_profile $PY benchmarks/ort_profile.py --threads 2
+step torch_profile_train $PY benchmarks/torch_profile.py --threads 2 --compile
+step torch_profile_eval $PY benchmarks/torch_profile.py --threads 2 --mode eval
 step network_alternating $PY benchmarks/network_alternating.py --threads 2 --rounds 15
 step layer1_vs_official $PY -m reid_attention bench layers --threads 2 --kind rga_sc --sites first --batch 8 \
     --memory-batch 32 --memory auto,full,lean --format json --out $R/layer1_rga_sc_vs_official_cpu.json --quiet

@@ -702,3 +702,21 @@ def test_ort_profile_quick_run(tmp_path):
     assert extra.get("MatMul", 0) + extra.get("FusedMatMul", 0) > 0
     summary = result["summary"]
     assert 1 < summary["gemm_only_x"] < summary["time_x"] and summary["flop_x"] > 1
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_torch_profile_quick_run(tmp_path, mode):
+    """PyTorch's profile of plain and RGA-SC networks by operator class: the attention adds
+    convolutions and GEMMs, the classes' extra times sum to the extra wall time, and the ratio of
+    its GEMM time alone lies between 1 and the profiled ratio."""
+    pytest.importorskip("torchvision")
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "torch_profile.py"
+    out = tmp_path / "out.json"
+    command = [sys.executable, str(script), "--quick", "--mode", mode, "--threads", "1", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    extra = {r["op_class"]: r["extra_ms"] for r in result["records"]}
+    assert extra["convolution"] > 0 and extra["matmul"] > 0
+    summary = result["summary"]
+    assert sum(extra.values()) == pytest.approx(summary["rga_sc_ms"] - summary["plain_ms"], rel=1e-6)
+    assert 1 < summary["conv_gemm_only_x"] < summary["profiled_time_x"] and summary["paired_time_x"] > 0
