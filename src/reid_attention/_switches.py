@@ -11,7 +11,7 @@ IMPLS = ("reference", "fused")
 MEMORY_MODES = ("auto", "full", "lean")
 # memory="auto" takes the lean form for a call whose relation embedding holds at least this many values
 # (batch x agents x n/s x n); below it the full form is faster (benchmarks/lean_vs_default.py, settled rows:
-# lean 1.03x-1.99x of full's time below the line, 0.51x-1.09x at or above it).
+# lean 1.03x-1.51x of full's time below the line, 0.46x-1.07x at or above it; 2026-12-07, AMD EPYC).
 AUTO_LEAN_ELEMENTS = 1 << 22
 
 
