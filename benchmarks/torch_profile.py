@@ -50,25 +50,30 @@ from reid_attention.bench.suites import network
 COLUMNS = ["op_class", "plain_ms", "rga_sc_ms", "extra_ms", "extra_share"]
 HEADERS = {"op_class": "operator class", "plain_ms": "ResNet-50 ms", "rga_sc_ms": "+ RGA-SC ms",
            "extra_ms": "extra ms", "extra_share": "share of extra"}
-# an operator's class: the first whose name fragments it contains (ATen operators only)
+# an ATen operator's class: the first with a name fragment in the operator's name ("" matches every name)
 CLASSES = [
     ("convolution", ("conv",)),
     ("matmul", ("mm", "matmul", "linear")),
     ("batch norm", ("batch_norm",)),
     ("copies, layout & allocation", ("copy", "clone", "cat", "flip", "contiguous", "stack", "empty", "zeros",
                                      "view", "reshape", "transpose", "permute", "slice", "select", "expand",
-                                     "squeeze", "split", "detach", "as_strided", "alias", "aten::t")),
-    ("elementwise & reductions", ("aten::",)),
+                                     "squeeze", "split", "detach", "as_strided", "alias")),
+    ("elementwise & reductions", ("",)),
 ]
+VIEWS = {"t"}  # layout operators whose names are fragments of others' (aten::t, aten::threshold_backward)
 PYTHON = "autograd & Python"
 GEMM_CLASSES = ("convolution", "matmul")
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def op_class(name: str) -> str:
+    """The class of a profiler event's name (ATen operators are ``aten::<name>``)."""
     if not name.startswith("aten::"):
         return PYTHON
-    return next(cls for cls, fragments in CLASSES if any(f in name for f in fragments))
+    op = name.removeprefix("aten::")
+    if op in VIEWS:
+        return "copies, layout & allocation"
+    return next(cls for cls, fragments in CLASSES if any(f in op for f in fragments))
 
 
 def profiled(call: Callable[[], object], steps: int) -> tuple[dict[str, float], float]:

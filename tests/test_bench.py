@@ -704,19 +704,43 @@ def test_ort_profile_quick_run(tmp_path):
     assert 1 < summary["gemm_only_x"] < summary["time_x"] and summary["flop_x"] > 1
 
 
+def test_torch_profile_op_classes():
+    """The profile's operator classes: names that contain others' fragments go to the right class."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import torch_profile
+    finally:
+        sys.path.pop(0)
+    expected = {
+        "aten::mkldnn_convolution": "convolution", "aten::convolution_backward": "convolution",
+        "aten::bmm": "matmul", "aten::baddbmm": "matmul", "aten::addmm": "matmul",
+        "aten::native_batch_norm_backward": "batch norm", "aten::copy_": "copies, layout & allocation",
+        "aten::t": "copies, layout & allocation", "aten::transpose": "copies, layout & allocation",
+        "aten::empty_strided": "copies, layout & allocation",
+        "aten::threshold_backward": "elementwise & reductions",
+        "aten::mul": "elementwise & reductions", "aten::max_pool2d_with_indices": "elementwise & reductions",
+        "Optimizer.step#SGD.step": "autograd & Python", "DoubleGateBackward": "autograd & Python",
+    }
+    assert {name: torch_profile.op_class(name) for name in expected} == expected
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_torch_profile_quick_run(tmp_path, mode):
-    """PyTorch's profile of plain and RGA-SC networks by operator class: the attention adds
-    convolutions and GEMMs, the classes' extra times sum to the extra wall time, and the ratio of
-    its GEMM time alone lies between 1 and the profiled ratio."""
+    """PyTorch's profile of plain and RGA-SC networks by operator class: every class present,
+    and the classes' times sum to each model's profiled wall time (the time no operator covers
+    is counted as autograd & Python), so their extra times sum to the extra wall time. Times
+    themselves are not compared (a smoke run of one step)."""
     pytest.importorskip("torchvision")
     script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "torch_profile.py"
     out = tmp_path / "out.json"
     command = [sys.executable, str(script), "--quick", "--mode", mode, "--threads", "1", "--out", str(out)]
     subprocess.run(command, check=True, capture_output=True, text=True)
     result = json.loads(out.read_text())
-    extra = {r["op_class"]: r["extra_ms"] for r in result["records"]}
-    assert extra["convolution"] > 0 and extra["matmul"] > 0
+    records = {r["op_class"]: r for r in result["records"]}
+    assert list(records) == ["convolution", "matmul", "batch norm", "copies, layout & allocation",
+                             "elementwise & reductions", "autograd & Python"]
     summary = result["summary"]
-    assert sum(extra.values()) == pytest.approx(summary["rga_sc_ms"] - summary["plain_ms"], rel=1e-6)
-    assert 1 < summary["conv_gemm_only_x"] < summary["profiled_time_x"] and summary["paired_time_x"] > 0
+    for key in ("plain_ms", "rga_sc_ms"):
+        assert sum(r[key] for r in records.values()) == pytest.approx(summary[key], rel=1e-6)
+    assert records["matmul"]["rga_sc_ms"] > 0  # the attention's GEMMs were recorded
+    assert summary["flop_x"] > 1 and summary["paired_time_x"] > 0 and summary["paired_rounds"] == 1

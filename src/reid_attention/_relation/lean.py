@@ -41,7 +41,7 @@ Without a gradient (eager inference) there is nothing to keep: :func:`inference_
 the forward's pass alone, so E is still never whole. That is faster, not only leaner, once E
 outgrows the cache: the full form writes E to memory and reads it back twice (norm, ReLU, W1_E),
 the chunks stay in cache (AMD EPYC, 2 threads, ResNet-50 + RGA-SC eval forward at batch 64:
-0.95x the full form's time; 128 MiB less at layer 1's spatial axis).
+0.94x-0.97x the full form's time; 128 MiB less at layer 1's spatial axis).
 """
 
 from __future__ import annotations
