@@ -689,8 +689,9 @@ def test_projection_gemm_quick_run(tmp_path):
 
 
 def test_ort_profile_quick_run(tmp_path):
-    """ONNX Runtime's profile of plain and RGA-SC networks: the attention adds GEMMs, and the
-    ratio of its GEMM time alone lies between 1 and the measured ratio."""
+    """ONNX Runtime's profile of plain and RGA-SC networks: the attention's GEMMs are profiled as
+    MatMul nodes (plain ResNet has none), and the per-operator times sum to each network's time.
+    Times themselves are not compared (a smoke run of one batch-2 run)."""
     for module in ("onnxruntime", "onnxscript", "torchvision"):
         pytest.importorskip(module)
     script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "ort_profile.py"
@@ -698,10 +699,14 @@ def test_ort_profile_quick_run(tmp_path):
     subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--out", str(out)],
                    check=True, capture_output=True, text=True)
     result = json.loads(out.read_text())
-    extra = {r["op"]: r["extra_ms"] for r in result["records"]}
-    assert extra.get("MatMul", 0) + extra.get("FusedMatMul", 0) > 0
+    records = {r["op"]: r for r in result["records"]}
+    gemms = [records[op] for op in ("MatMul", "FusedMatMul") if op in records]
+    assert gemms and all(r["plain_ms"] == 0 < r["rga_sc_ms"] for r in gemms)
     summary = result["summary"]
-    assert 1 < summary["gemm_only_x"] < summary["time_x"] and summary["flop_x"] > 1
+    for key in ("plain_ms", "rga_sc_ms"):
+        assert sum(r[key] for r in records.values()) == pytest.approx(summary[key], rel=1e-9)
+    assert summary["attention_gemm_ms"] == pytest.approx(sum(r["extra_ms"] for r in gemms), rel=1e-9)
+    assert summary["flop_x"] > 1
 
 
 def test_torch_profile_op_classes():
