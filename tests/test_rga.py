@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -349,3 +350,17 @@ def test_inference_projections_in_batch_chunks(kind, monkeypatch):
         chunked = module(x)
     assert (True, 1) in calls and {batch for nchw, batch in calls if nchw} == {1}, calls
     torch.testing.assert_close(chunked, whole, **FORWARD_TOL)
+
+
+@pytest.mark.parametrize("kind", ["rga_s", "rga_sc", "apnet_s"])
+def test_traced_inference_projects_the_whole_batch(kind, monkeypatch):
+    """A module traced without a gradient records the whole-batch projection, not the chunk loop
+    (whose slices would hold the traced batch): traced at batch 3, it runs batch 5 as eager does
+    (float64, helpers.FORWARD_TOL)."""
+    module = build(kind).eval()
+    monkeypatch.setattr(fused, "CONV_CHUNK_ELEMENTS", 1)
+    x = make_input(5, seed=1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace: deprecated (FutureWarning), TracerWarnings
+        traced = torch.jit.trace(module, (make_input(3),), check_trace=False)
+        torch.testing.assert_close(traced(x), module(x), **FORWARD_TOL)

@@ -80,16 +80,16 @@ def conv_1x1(tokens: Tensor, weight: Tensor) -> Tensor:
     (ONNX Runtime, ResNet-50 layer 1's channel axis at batch 64: a 37 ms Transpose), where a
     MatMul reads either layout.
 
-    Without a gradient on the CPU, feature-major tokens of more than :data:`CONV_CHUNK_ELEMENTS`
-    values are projected in batch chunks of that size: oneDNN's NCHW 1x1 conv slows down 1.5-3x
-    once its input outgrows the cache (AMD EPYC, batch 64: ResNet-50 layer 1's spatial projection
-    83 -> 39 ms, layer 2's 50 -> 17 ms).
+    Without a gradient on the CPU, outside a :func:`recording`, feature-major tokens of more than
+    :data:`CONV_CHUNK_ELEMENTS` values are projected in batch chunks of that size: oneDNN's NCHW
+    1x1 conv slows down 1.5-3x once its input outgrows the cache (AMD EPYC, batch 64: ResNet-50
+    layer 1's spatial projection 83 -> 39 ms, layer 2's 50 -> 17 ms).
     """
     if exporting():
         return torch.matmul(weight, tokens)
     w = weight[:, :, None, None]
     if (tokens.is_cpu and tokens.is_contiguous() and not torch.is_grad_enabled()
-            and tokens.numel() > CONV_CHUNK_ELEMENTS and not torch.compiler.is_compiling()):
+            and tokens.numel() > CONV_CHUNK_ELEMENTS and not recording()):
         chunks = batch_chunks(tokens.shape[0], tokens[0].numel(), CONV_CHUNK_ELEMENTS)
         first = F.conv2d(tokens[chunks[0]].unsqueeze(2), w)  # its dtype is autocast's
         out = first.new_empty((tokens.shape[0], *first.shape[1:]))
@@ -105,6 +105,18 @@ def exporting() -> bool:
     ``torch.compiler.is_exporting`` is new in torch 2.6."""
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return is_exporting is not None and bool(is_exporting())
+
+
+def tracing() -> bool:
+    """Whether ``torch.jit.trace`` (also the TorchScript ONNX exporter) is recording the call."""
+    return bool(torch.jit.is_tracing())  # type: ignore[attr-defined,no-untyped-call]  # unannotated in torch
+
+
+def recording() -> bool:
+    """Whether the call is being recorded into a program (:func:`exporting`, :func:`tracing`,
+    torch.compile), which may run at another batch size: a loop over batch chunks would be
+    recorded with this call's batch, so recorded programs take the whole-batch form."""
+    return exporting() or tracing() or torch.compiler.is_compiling()
 
 
 def _project(weight: Tensor, tokens: Tensor) -> Tensor:

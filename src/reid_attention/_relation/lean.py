@@ -62,7 +62,9 @@ from .fused import (
     factors,
     factors_backward,
     projection_parts,
+    recording,
     stacked_weights,
+    tracing,
 )
 from .modules import RelationBranch
 
@@ -288,14 +290,9 @@ def lean_applies(branches: Sequence[RelationBranch], batch: int) -> bool:
     recorded or the call runs eagerly. A recorded inference program (exported, traced, or
     compiled without a gradient) takes the full form, whose GEMMs take any batch, where the
     chunk loop would fix it."""
-    if exporting() or _tracing() or batch == 0 or not recomputable(branches):
+    if exporting() or tracing() or batch == 0 or not recomputable(branches):
         return False
-    return torch.is_grad_enabled() or not torch.compiler.is_compiling()
-
-
-def _tracing() -> bool:
-    """Whether ``torch.jit.trace`` (also the TorchScript ONNX exporter) is recording the call."""
-    return bool(torch.jit.is_tracing())  # type: ignore[attr-defined,no-untyped-call]  # unannotated in torch
+    return torch.is_grad_enabled() or not recording()  # a compiled training step keeps the lean form
 
 
 def lean_logits(proj: Tensor, branches: Sequence[RelationBranch]) -> Tensor:
