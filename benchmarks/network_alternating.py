@@ -20,6 +20,7 @@ import pathlib
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -37,6 +38,23 @@ SITES = ["layer1", "layer2", "layer3", "layer4"]
 def _iqr(values):
     q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
     return q[2] - q[0]
+
+
+def alternate(calls: dict[str, Callable[[], object]], rounds: int, device: str = "cpu"
+              ) -> dict[str, list[float]]:
+    """Seconds of each call in each round, the calls run in turn every round."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(rounds):
+        print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+        for name, call in calls.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            call()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def main(argv=None) -> int:
@@ -65,17 +83,7 @@ def main(argv=None) -> int:
         flops[name] = count_flops(model, x)
         steps[name] = train_step(model, x)
         steps[name]()  # warm-up
-    times = {name: [] for name in variants}
-    for r in range(args.rounds):
-        print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
-        for name, step in steps.items():
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
+    times = alternate(steps, args.rounds, args.device)
     plain = "resnet50"
     records = []
     for name, ts in times.items():

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from network_alternating import SITES  # the preset's four RGA sites, as the alternation times them
+from network_alternating import SITES, alternate  # the preset's four RGA sites; its alternation
 from torch.profiler import ProfilerActivity, profile
 
 from reid_attention import RGA
@@ -89,18 +89,6 @@ def profiled(call: Callable[[], object], steps: int) -> tuple[dict[str, float], 
         per_class[op_class(event.key)] += event.self_cpu_time_total / 1e3 / steps
     per_class[PYTHON] += max(0.0, wall - sum(per_class.values()))
     return per_class, wall
-
-
-def paired_ratios(calls: dict[str, Callable[[], object]], rounds: int, base: str) -> dict[str, list[float]]:
-    """Per round, each call's time over ``base``'s, the calls alternated."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for r in range(rounds):
-        print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {name: [t / b for t, b in zip(ts, times[base])] for name, ts in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                        memory="full").eval()
         calls["rga_sc_full"] = torch.no_grad()(lambda: full(x))
         calls["rga_sc_full"]()  # warm-up
-    ratios = paired_ratios(calls, args.rounds, "plain")
+    times = alternate(calls, args.rounds)
+    ratios = {name: [t / b for t, b in zip(ts, times["plain"])] for name, ts in times.items()}
     summary["paired_time_x"] = statistics.median(ratios["rga_sc"])
     for key in ("rga_sc_compiled", "rga_sc_full"):
         if key in ratios:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import pathlib
@@ -599,7 +600,8 @@ def test_cli_layers_on_cuda(capsys):
 
 # --- benchmarks/gpu_check.sh ------------------------------------------------------------------------
 
-GPU_CHECK = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+GPU_CHECK = BENCHMARKS / "gpu_check.sh"
 
 
 def test_gpu_check_script_is_valid_bash_and_lists_its_steps():
@@ -620,7 +622,7 @@ def test_gpu_check_script_is_valid_bash_and_lists_its_steps():
 
 def test_network_alternating_quick_run(tmp_path):
     """The alternating network benchmark's smoke run: three models, ratios to the plain step."""
-    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "network_alternating.py"
+    script = BENCHMARKS / "network_alternating.py"
     out = tmp_path / "alt.json"
     subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--out", str(out)],
                    check=True, capture_output=True, text=True)
@@ -656,12 +658,16 @@ def test_layer_rows_count_kernels_and_bytes(capsys):
     assert rows["fused"]["moved_mib"] < rows["reference"]["moved_mib"]
 
 
-def _run_script(name, tmp_path, *args):
-    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / name
+def _script_result(name, tmp_path, *args):
+    """The JSON a benchmark script's smoke run (``--quick``) writes."""
     out = tmp_path / "out.json"
-    subprocess.run([sys.executable, str(script), "--quick", "--out", str(out), *args],
+    subprocess.run([sys.executable, str(BENCHMARKS / name), "--quick", "--out", str(out), *args],
                    check=True, capture_output=True, text=True)
-    return json.loads(out.read_text())["records"]
+    return json.loads(out.read_text())
+
+
+def _run_script(name, tmp_path, *args):
+    return _script_result(name, tmp_path, *args)["records"]
 
 
 def test_launch_counts_quick_run(tmp_path):
@@ -694,11 +700,7 @@ def test_ort_profile_quick_run(tmp_path):
     Times themselves are not compared (a smoke run of one batch-2 run)."""
     for module in ("onnxruntime", "onnxscript", "torchvision"):
         pytest.importorskip(module)
-    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "ort_profile.py"
-    out = tmp_path / "out.json"
-    subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--out", str(out)],
-                   check=True, capture_output=True, text=True)
-    result = json.loads(out.read_text())
+    result = _script_result("ort_profile.py", tmp_path, "--threads", "1")
     records = {r["op"]: r for r in result["records"]}
     gemms = [records[op] for op in ("MatMul", "FusedMatMul") if op in records]
     assert gemms and all(r["plain_ms"] == 0 < r["rga_sc_ms"] for r in gemms)
@@ -709,13 +711,10 @@ def test_ort_profile_quick_run(tmp_path):
     assert summary["flop_x"] > 1
 
 
-def test_torch_profile_op_classes():
+def test_torch_profile_op_classes(monkeypatch):
     """The profile's operator classes: names that contain others' fragments go to the right class."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
-    try:
-        import torch_profile
-    finally:
-        sys.path.pop(0)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    torch_profile = importlib.import_module("torch_profile")
     expected = {
         "aten::mkldnn_convolution": "convolution", "aten::convolution_backward": "convolution",
         "aten::bmm": "matmul", "aten::baddbmm": "matmul", "aten::addmm": "matmul",
@@ -736,11 +735,7 @@ def test_torch_profile_quick_run(tmp_path, mode):
     is counted as autograd & Python), so their extra times sum to the extra wall time. Times
     themselves are not compared (a smoke run of one step)."""
     pytest.importorskip("torchvision")
-    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "torch_profile.py"
-    out = tmp_path / "out.json"
-    command = [sys.executable, str(script), "--quick", "--mode", mode, "--threads", "1", "--out", str(out)]
-    subprocess.run(command, check=True, capture_output=True, text=True)
-    result = json.loads(out.read_text())
+    result = _script_result("torch_profile.py", tmp_path, "--mode", mode, "--threads", "1")
     records = {r["op_class"]: r for r in result["records"]}
     assert list(records) == ["convolution", "matmul", "batch norm", "copies, layout & allocation",
                              "elementwise & reductions", "autograd & Python"]
