@@ -126,10 +126,9 @@ class RGA(ImplSwitch, MemorySwitch, nn.Module):
             projection GEMM output and small results are kept for backward, the rest is
             recomputed there and the relation embedding is never held whole, in inference too;
             exact BatchNorms only); ``"auto"`` takes the lean form for calls with a large relation
-            embedding (see
-            :class:`reid_attention._switches.MemorySwitch`); settable. In every mode the fused
-            RGA-SC keeps no copy of the spatially gated map for backward (it is recomputed
-            from the input and the gate).
+            embedding (see :class:`reid_attention._switches.MemorySwitch`); settable. In every
+            mode the fused RGA-SC keeps no copy of the spatially gated map for backward (it is
+            recomputed from the input and the gate).
         device, dtype: torch's factory keywords for the parameters and buffers.
 
     The state_dict keys and shapes equal the official ``RGA_Module(channels, H*W, ...)``.
